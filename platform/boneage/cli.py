@@ -1,0 +1,57 @@
+"""The command line shared by every job: ``--config FILE`` plus ``--set area.key=value`` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from boneage.config import Config, ConfigError, describe, load_config
+
+
+def parse_job_args(argv: Sequence[str] | None, *, description: str, default_config: str | None,
+                   areas: Sequence[str], aliases: dict[str, str] | None = None) -> Config:
+    """Parse a job's arguments into a validated :class:`Config`; on a bad key or value, exit 2 with the reason.
+
+    ``aliases`` maps short flags to config keys (``{"--out": "phantoms.out"}``): ``--out D`` is ``--set
+    phantoms.out=D``, so there is still one config system. ``areas`` selects the keys listed in ``--help``.
+    """
+    keys = [line for line in describe() if line.split(".", 1)[0] in areas]
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="settings (override with --set KEY=VALUE):\n  " + "\n  ".join(keys))
+    parser.add_argument("--config", default=default_config, help=f"YAML config file (default: {default_config})")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set data.image_size=256 train.epochs=3")
+    aliases = aliases or {}
+    for flag, key in aliases.items():
+        parser.add_argument(flag, dest=key, default=None, metavar="VALUE", help=f"same as --set {key}=VALUE")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    overrides += [f"{key}={getattr(args, key)}" for key in aliases.values() if getattr(args, key) is not None]
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        parser.error(str(err))
+    _log_to_stdout()
+    return cfg
+
+
+def _log_to_stdout() -> None:
+    """The library's progress lines, plain, on stdout (the Ray job log), without Ray's own records."""
+    logger = logging.getLogger("boneage")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    # Ray Data prints every operator's progress at INFO: a wall of internals in a job log. Its console keeps
+    # warnings; its full log still goes to the session's ray-data.log. Importing ray.data applies its logging
+    # config, so do that first or it would undo this later.
+    import ray.data  # noqa: F401
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)

@@ -1,0 +1,279 @@
+"""One typed configuration for every job: dataclasses per area, loaded from YAML, overridden with ``--set``.
+
+Each job reads ``--config configs/<job>.yaml`` and any number of ``--set area.key=value`` overrides. Values are
+parsed as YAML (so ``--set model.head=[512,128]`` gives a list) and then checked against the field's type and
+bounds. Every problem (unknown key, wrong type, value out of range, choice not offered) raises
+:class:`ConfigError` naming the key and what is allowed, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names the key and what is allowed."""
+
+
+def setting(default: Any = dataclasses.MISSING, *, low: float | None = None, high: float | None = None,
+            factory: Any = dataclasses.MISSING, doc: str = "") -> Any:
+    """A dataclass field with inclusive numeric bounds (``low``/``high``) and a one-line description."""
+    meta = {"low": low, "high": high, "doc": doc}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    """Where the raw labels and images are, and how ``jobs/prepare.py`` turns them into Parquet."""
+
+    labels: str = setting("outputs/phantoms/boneage-training-dataset.csv",
+                          doc="labels file (.csv or .xlsx) in one of the RSNA layouts")
+    images: str = setting("outputs/phantoms", doc="folder searched recursively for <id>.png/.jpg/.dcm")
+    out: str = setting("outputs/prepared/phantoms", doc="prepared dataset folder")
+    test_labels: Optional[str] = setting(None, doc="external test labels; replaces the test split drawn from labels")
+    test_images: Optional[str] = setting(None, doc="image folder for test_labels (default: data.images)")
+    image_size: int = setting(256, low=16, high=2048, doc="side of the square canvas, pixels")
+    val_fraction: float = setting(0.15, low=0.0, high=0.9, doc="share of each sex/age stratum for validation")
+    test_fraction: float = setting(0.15, low=0.0, high=0.9, doc="share for test (ignored with test_labels)")
+    age_band_months: int = setting(24, low=1, high=240, doc="width of the age bands used to stratify splits")
+    max_reject_fraction: float = setting(0.01, low=0.0, high=1.0, doc="fail if more rows than this are rejected")
+    max_image_megapixels: float = setting(64.0, low=0.01, high=1000.0, doc="decompression-bomb guard")
+    decode_batch_size: int = setting(1024, low=1, high=65536,
+                                     doc="most images per decode task (and per Parquet file); lower for big images")
+
+
+@dataclass
+class PhantomConfig:
+    """The synthetic hand-radiograph generator (``jobs/make_phantoms.py``)."""
+
+    out: str = setting("outputs/phantoms", doc="output folder (Kaggle layout)")
+    n: int = setting(2000, low=1, high=1_000_000, doc="number of images")
+    seed: int = setting(0, low=0, doc="random seed; the same seed gives the same images")
+    size: int = setting(256, low=64, high=2048, doc="image height in pixels (width is 0.8x)")
+    label_noise_sd: float = setting(6.0, low=0.0, high=60.0, doc="rater-like label noise, months")
+    workers: int = setting(0, low=0, high=256, doc="processes; 0 means one per CPU")
+
+
+@dataclass
+class ModelConfig:
+    """The VGG16 bone-age regressor."""
+
+    arch: Literal["vgg16", "vgg16_bn"] = setting("vgg16", doc="torchvision backbone")
+    weights: str = setting("none", doc="'imagenet', 'none' or a path to a VGG16 state dict")
+    pooling: Literal["flatten", "avg", "max"] = setting("avg", doc="how conv features become a vector")
+    head: list[int] = setting(factory=lambda: [512, 128], low=1, high=65536,
+                              doc="hidden layer sizes of the regression head")
+    dropout: float = setting(0.3, low=0.0, high=0.95, doc="dropout before each head layer")
+    sex_embedding: int = setting(16, low=1, high=1024, doc="width of the sex embedding joined to the features")
+
+
+@dataclass
+class TrainConfig:
+    """Ray Train fine-tuning."""
+
+    epochs: int = setting(10, low=1, high=10_000)
+    batch_size: int = setting(32, low=1, high=4096, doc="per worker")
+    num_workers: int = setting(1, low=0, high=1024, doc="Ray Train workers; 0 trains in the driver process")
+    use_gpu: bool = setting(False)
+    lr: float = setting(3e-4, low=1e-7, high=1.0)
+    weight_decay: float = setting(1e-4, low=0.0, high=1.0)
+    seed: int = setting(0, low=0)
+    storage_path: str = setting("outputs/ray_results", doc="local folder or pyarrow URI (s3://, gs://)")
+
+
+@dataclass
+class TuneConfig:
+    """Ray Tune sweeps."""
+
+    num_samples: int = setting(8, low=1, high=100_000)
+    max_epochs: int = setting(10, low=1, high=10_000)
+    metric: str = setting("val_mae")
+
+
+@dataclass
+class ServeConfig:
+    """Ray Serve HTTP service."""
+
+    host: str = setting("127.0.0.1", doc="bind address; 127.0.0.1 keeps the service local")
+    port: int = setting(8000, low=1, high=65535)
+    model_uri: str = setting("best", doc="bundle folder or registry reference")
+    max_upload_mb: float = setting(32.0, low=0.01, high=4096.0)
+
+
+@dataclass
+class Config:
+    """Every area's settings; a job uses the areas it needs and saves the whole resolved config."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    phantoms: PhantomConfig = field(default_factory=PhantomConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a :class:`Config` from defaults, then the YAML file at ``path``, then ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_nested(raw, key.split("."), value)
+    return _build(Config, raw, prefix="")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain YAML-ready data."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the fully resolved config as YAML (every key, defaults included) so a run can be reproduced."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[str]:
+    """One line per key: ``area.key  type  default  bounds  description`` (for README and ``--help``)."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            lines += describe(hint, prefix=f"{key}.")
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"{key} ({_type_name(hint)}{_bounds_text(f)}, default {default!r}): {f.metadata.get('doc', '')}")
+    return lines
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of areas, got {type(raw).__name__}")
+    return raw
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like area.key=value, e.g. data.image_size=256")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text  # not YAML: keep the literal text and let the field's type decide
+    return key.strip(), value
+
+
+def _set_nested(raw: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {'.'.join(parts)}: {part} is not an area")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; valid keys in {where}: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}{name}"
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, prefix=f"{key}.")
+        else:
+            kwargs[name] = _check_bounds(key, _coerce(key, value, hint), fields[name])
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Return ``value`` as type ``hint`` or raise naming ``key`` and the expected type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not a valid choice; choose one of: {', '.join(map(str, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list of {_type_name(args[0])}, e.g. [512, 128]; got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as text
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key} must be {_type_name(hint)}, got {value!r}")
+
+
+def _check_bounds(key: str, value: Any, f: dataclasses.Field) -> Any:
+    low, high = f.metadata.get("low"), f.metadata.get("high")
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if (low is not None and v < low) or (high is not None and v > high):
+                raise ConfigError(f"{key}={value!r} is out of range; allowed{_bounds_text(f)}")
+    return value
+
+
+def _bounds_text(f: dataclasses.Field) -> str:
+    low, high = f.metadata.get("low"), f.metadata.get("high")
+    if low is None and high is None:
+        return ""
+    if high is None:
+        return f" >= {low:g}"
+    if low is None:
+        return f" <= {high:g}"
+    return f" {low:g}..{high:g}"
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + "|".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "text"}.get(hint, str(hint))

@@ -1,0 +1,1 @@
+"""Synthetic hand radiographs with a known bone age (the built-in "phantom" dataset)."""

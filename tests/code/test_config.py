@@ -1,0 +1,83 @@
+"""The config system: YAML + --set overrides, typed, validated before any work starts."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from boneage.config import Config, ConfigError, load_config, save_config
+from helpers import ROOT
+
+
+def test_defaults_load_and_every_shipped_config_is_valid():
+    assert isinstance(load_config(), Config)
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        if "applications" in yaml.safe_load(path.read_text()):
+            continue  # Ray Serve's own config format
+        load_config(path)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  image_size: 64\n  labels: a.csv\ntrain:\n  epochs: 2\n")
+    cfg = load_config(path, ["data.image_size=96", "model.head=[256, 64]", "train.lr=1e-3", "model.weights=none"])
+    assert cfg.data.image_size == 96  # the override wins
+    assert cfg.data.labels == "a.csv"  # the file is kept where not overridden
+    assert cfg.train.epochs == 2
+    assert cfg.model.head == [256, 64]
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.model.weights == "none"
+    assert cfg.data.val_fraction == 0.15  # a default
+
+
+def test_optional_values_accept_null():
+    assert load_config(overrides=["data.test_labels=null"]).data.test_labels is None
+    assert load_config(overrides=["data.test_labels=t.csv"]).data.test_labels == "t.csv"
+
+
+@pytest.mark.parametrize("override, words", [
+    ("data.image_sise=64", ["data.image_sise", "image_size", "labels"]),
+    ("dat.image_size=64", ["dat", "valid keys in config", "data"]),
+    ("data.image_size=big", ["data.image_size", "integer", "'big'"]),
+    ("data.image_size=8", ["data.image_size=8", "out of range", "16..2048"]),
+    ("data.val_fraction=1.5", ["data.val_fraction", "0..0.9"]),
+    ("model.pooling=mean", ["model.pooling", "flatten", "avg", "max"]),
+    ("model.head=512", ["model.head", "list"]),
+    ("model.head=[512, 0]", ["model.head", "out of range"]),
+    ("train.use_gpu=maybe", ["train.use_gpu", "true/false"]),
+    ("train.epochs=2.5", ["train.epochs", "integer"]),
+    ("data.image_size", ["area.key=value"]),
+])
+def test_bad_keys_and_values_name_the_key_and_what_is_allowed(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_bad_yaml_files_are_reported(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(missing)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_saved_config_reloads_to_the_same_config(tmp_path):
+    cfg = load_config(overrides=["data.image_size=72", "model.head=[8]"])
+    path = save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(path) == cfg
+
+
+def test_job_rejects_bad_settings_before_doing_any_work(tmp_path):
+    out = subprocess.run([sys.executable, "jobs/prepare.py", "--set", f"data.out={tmp_path}/o",
+                          "data.image_size=-3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "data.image_size=-3 is out of range" in out.stderr
+    assert not (tmp_path / "o").exists()

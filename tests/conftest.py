@@ -1,0 +1,42 @@
+"""Session fixtures: one Ray runtime, the real RSNA samples, a small phantom set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from boneage.config import load_config
+from helpers import FULLSIZE, THUMBS, require
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A small local Ray runtime for the whole session (4 logical CPUs on 2 cores leaves room for Ray Data)."""
+    import ray
+    from ray.data import DataContext
+
+    ray.init(num_cpus=4, object_store_memory=400 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def thumbs() -> Path:
+    return require(THUMBS)
+
+
+@pytest.fixture
+def fullsize() -> Path:
+    return require(FULLSIZE)
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    """60 phantoms at 64 px, drawn once per session."""
+    from boneage.phantoms.generate import generate_phantoms
+
+    out = tmp_path_factory.mktemp("phantoms") / "set"
+    cfg = load_config(overrides=[f"phantoms.out={out}", "phantoms.n=60", "phantoms.size=64", "phantoms.workers=1"])
+    return generate_phantoms(cfg)
