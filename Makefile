@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BASE := $(VENV)/.installed-base
 DEV := $(VENV)/.installed-dev
 
-.PHONY: demo test test-fast bench-prepare clean
+.PHONY: demo test test-fast clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,15 +23,13 @@ $(DEV): pyproject.toml | $(PY)
 demo: $(BASE)
 	$(PY) jobs/make_phantoms.py --config configs/demo.yaml
 	$(PY) jobs/prepare.py --config configs/demo.yaml
+	$(PY) jobs/train.py --config configs/demo.yaml
 
 test: $(DEV)
 	$(PY) -m pytest
 
 test-fast: $(DEV)
 	$(PY) -m pytest -m "not slow"
-
-bench-prepare: $(BASE)
-	$(PY) bench/prepare_throughput.py
 
 clean:
 	rm -rf outputs

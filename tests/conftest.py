@@ -40,3 +40,13 @@ def phantom_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantoms") / "set"
     cfg = load_config(overrides=[f"phantoms.out={out}", "phantoms.n=60", "phantoms.size=64", "phantoms.workers=1"])
     return generate_phantoms(cfg)
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(phantom_dir, ray_session, tmp_path_factory) -> Path:
+    """The session's phantoms prepared at 32 px."""
+    from boneage.prepare import prepare_dataset
+    from helpers import data_config
+
+    out = tmp_path_factory.mktemp("prepared") / "phantoms-32"
+    return prepare_dataset(data_config(phantom_dir / "boneage-training-dataset.csv", phantom_dir, out))

@@ -25,3 +25,12 @@ def data_config(labels, images, out, *extra: str) -> Config:
     """A config reading ``labels``/``images`` into ``out`` at 32 px (tiny: fast on 2 cores)."""
     return load_config(overrides=[f"data.labels={labels}", f"data.images={images}", f"data.out={out}",
                                   "data.image_size=32", *extra])
+
+
+def train_config(prepared: Path, work: Path, *extra: str) -> Config:
+    """A tiny, quick training config on a prepared dataset, writing runs and bundles under ``work``."""
+    return load_config(overrides=[
+        f"data.out={prepared}", "model.head=[16]", "model.dropout=0", "model.sex_embedding=4",
+        "train.batch_size=8", "train.epochs=1", "train.num_workers=1", "train.threads_per_worker=1",
+        "train.shuffle_buffer=16", f"train.storage_path={work / 'runs'}", f"registry.root={work / 'registry'}",
+        *extra])

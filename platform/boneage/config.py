@@ -50,6 +50,11 @@ class DataConfig:
     decode_batch_size: int = setting(1024, low=1, high=65536,
                                      doc="most images per decode task (and per Parquet file); lower for big images")
 
+    def validate(self) -> None:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction:g} "
+                              "must be below 1, to leave rows for training")
+
 
 @dataclass
 class PhantomConfig:
@@ -67,13 +72,32 @@ class PhantomConfig:
 class ModelConfig:
     """The VGG16 bone-age regressor."""
 
-    arch: Literal["vgg16", "vgg16_bn"] = setting("vgg16", doc="torchvision backbone")
-    weights: str = setting("none", doc="'imagenet', 'none' or a path to a VGG16 state dict")
-    pooling: Literal["flatten", "avg", "max"] = setting("avg", doc="how conv features become a vector")
+    arch: Literal["vgg16", "vgg16_bn"] = setting("vgg16_bn", doc="torchvision backbone")
+    weights: str = setting("none", doc="'imagenet' (torch hub cache), 'none' (random), or a VGG16 state-dict file")
+    pooling: Literal["flatten", "avg", "max"] = setting("avg", doc="conv features to a vector (flatten: all)")
     head: list[int] = setting(factory=lambda: [512, 128], low=1, high=65536,
                               doc="hidden layer sizes of the regression head")
     dropout: float = setting(0.3, low=0.0, high=0.95, doc="dropout before each head layer")
     sex_embedding: int = setting(16, low=1, high=1024, doc="width of the sex embedding joined to the features")
+
+
+@dataclass
+class AugmentConfig:
+    """Random training augmentations, named and meant as Keras ImageDataGenerator's; applied on the device."""
+
+    rotation_range: float = setting(5.0, low=0.0, high=180.0, doc="degrees, either way")
+    width_shift_range: float = setting(0.15, low=0.0, high=1.0, doc="fraction of the width, either way")
+    height_shift_range: float = setting(0.15, low=0.0, high=1.0, doc="fraction of the height, either way")
+    brightness_range: list[float] = setting(factory=lambda: [0.9, 1.1], low=0.0, high=10.0,
+                                            doc="[low, high] factor multiplying the pixel values")
+    zoom_range: float = setting(0.25, low=0.0, high=0.95, doc="zoom factor in [1 - z, 1 + z], as in Keras")
+    horizontal_flip: bool = setting(True, doc="mirror half of the images")
+    fill_mode: Literal["nearest", "constant", "reflect"] = setting("nearest", doc="pixels shifted in from outside")
+
+    def validate(self) -> None:
+        low_high = self.brightness_range
+        if len(low_high) != 2 or low_high[0] > low_high[1]:
+            raise ConfigError(f"augment.brightness_range={low_high!r} must be [low, high] with low <= high")
 
 
 @dataclass
@@ -83,11 +107,33 @@ class TrainConfig:
     epochs: int = setting(10, low=1, high=10_000)
     batch_size: int = setting(32, low=1, high=4096, doc="per worker")
     num_workers: int = setting(1, low=0, high=1024, doc="Ray Train workers; 0 trains in the driver process")
-    use_gpu: bool = setting(False)
-    lr: float = setting(3e-4, low=1e-7, high=1.0)
-    weight_decay: float = setting(1e-4, low=0.0, high=1.0)
+    cpus_per_worker: float = setting(1.0, low=0.0, high=1024.0, doc="CPUs reserved per worker")
+    threads_per_worker: int = setting(0, low=0, high=1024, doc="torch threads per worker (0: its reserved CPUs)")
+    use_gpu: Literal["auto", True, False] = setting("auto", doc="auto: use GPUs when the cluster has them")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = setting(
+        "PACK", doc="how workers are placed on nodes (STRICT_SPREAD: one per node)")
+    lr: float = setting(1e-3, low=1e-7, high=1.0, doc="peak learning rate of the head")
+    backbone_lr_scale: float = setting(1.0, low=0.0, high=1.0, doc="backbone learning rate = lr x this")
+    weight_decay: float = setting(1e-4, low=0.0, high=1.0, doc="AdamW weight decay")
+    warmup_epochs: float = setting(0.5, low=0.0, high=1000.0, doc="linear warm-up, then cosine decay to zero")
+    grad_clip: float = setting(1.0, low=0.0, high=1e6, doc="max gradient norm (0: no clipping)")
+    freeze_epochs: int = setting(0, low=0, high=10_000, doc="epochs training the head only, backbone frozen")
+    unfreeze_blocks: int = setting(5, low=0, high=5, doc="after freeze_epochs, train the top K of 5 conv blocks")
+    prefetch_batches: int = setting(2, low=0, high=64, doc="batches Ray Data prepares ahead of the step")
+    shuffle_buffer: int = setting(512, low=0, high=1_000_000, doc="rows in the local shuffle buffer (0: off)")
     seed: int = setting(0, low=0)
-    storage_path: str = setting("outputs/ray_results", doc="local folder or pyarrow URI (s3://, gs://)")
+    storage_path: str = setting("outputs/ray_results", doc="local folder or URI (s3://, gs://); shared on clusters")
+    run_name: str = setting("", doc="Ray Train run name; empty: derived from the settings, so reruns resume")
+    max_failures: int = setting(2, low=-1, high=1000, doc="worker failures to recover from (-1: forever)")
+    keep_checkpoints: int = setting(2, low=1, high=1000, doc="best checkpoints kept, by val MAE")
+
+
+@dataclass
+class RegistryConfig:
+    """Where trained model bundles are kept, as numbered versions per model name."""
+
+    root: str = setting("outputs/registry", doc="registry folder")
+    name: str = setting("boneage-vgg16", doc="model name: bundles go to <root>/<name>/<version>")
 
 
 @dataclass
@@ -116,7 +162,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     phantoms: PhantomConfig = field(default_factory=PhantomConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
@@ -129,6 +177,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         key, value = _parse_override(item)
         _set_nested(raw, key.split("."), value)
+    return _build(Config, raw, prefix="")
+
+
+def parse_section(cls: type, raw: dict[str, Any], area: str) -> Any:
+    """One area's dataclass from plain data (e.g. a model config stored in a bundle), validated like a file."""
+    return _build(cls, raw, prefix=f"{area}.")
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """A whole :class:`Config` from plain data, e.g. :func:`to_dict`'s output shipped to a Ray worker."""
     return _build(Config, raw, prefix="")
 
 
@@ -208,7 +266,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             kwargs[name] = _build(hint, value, prefix=f"{key}.")
         else:
             kwargs[name] = _check_bounds(key, _coerce(key, value, hint), fields[name])
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    if hasattr(built, "validate"):
+        built.validate()  # rules across keys, e.g. a [low, high] pair
+    return built
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

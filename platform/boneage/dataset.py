@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
-import ray
+
+if TYPE_CHECKING:
+    import ray.data
 
 
 def image_column(images: np.ndarray) -> pa.FixedSizeBinaryArray:
@@ -27,14 +31,28 @@ def images_from_column(values, image_size: int) -> np.ndarray:
     """
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
         values = values.to_numpy(zero_copy_only=False)
-    flat = np.frombuffer(b"".join(values), dtype=np.uint8)
+    flat = np.frombuffer(bytearray().join(values), dtype=np.uint8)  # one copy, writable (torch needs that)
     return flat.reshape(len(values), image_size, image_size)
 
 
 def read_split(root: str | Path, split: str) -> ray.data.Dataset:
     """One split (``train``, ``val``, ``test`` or ``unlabeled``) of a prepared dataset as a Ray Dataset."""
+    import ray.data  # here, not at the top: the column helpers above also run where Ray is not installed
+
     path = Path(root) / split
     if not path.is_dir():
         raise FileNotFoundError(f"{root} has no '{split}' split; its splits are: "
                                 f"{', '.join(sorted(p.name for p in Path(root).iterdir() if p.is_dir()))}")
-    return ray.data.read_parquet(str(path))
+    with ray.data.DataContext.current(quiet_context()):  # a dataset keeps the context it was created in
+        return ray.data.read_parquet(str(path))
+
+
+def quiet_context() -> ray.data.DataContext:
+    """Ray Data settings for this platform's datasets: no progress bars or start banners, which flood job logs
+    (every job logs its own readable progress lines instead)."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current().copy()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    return context

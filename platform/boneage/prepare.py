@@ -36,7 +36,7 @@ from ray.data.datasource import WriteResult
 
 from boneage.artifacts import atomic_directory, code_version, sha256_file, sha256_json, write_json
 from boneage.config import Config, DataConfig, save_config, to_dict
-from boneage.dataset import image_column
+from boneage.dataset import image_column, quiet_context
 from boneage.imaging import PREPROCESSING, REJECT_UNDECODABLE, ImageRejected, load_radiograph
 from boneage.rsna import (REJECT_COLUMNS, REJECT_DUPLICATE_ID, LabelsError, LabelTable, read_labels,
                           unlabeled_image_rejects)
@@ -137,7 +137,7 @@ def decode_images(table: pd.DataFrame, data: DataConfig) -> ray.data.Dataset:
 def _decode_context() -> DataContext:
     """Ray Data settings for the decode pass. Its input is a table already in memory, so Ray Data's default of
     reserving part of the CPUs for each operator only idles them: on 2 cores it ran decoding on one (1.5x slower)."""
-    context = DataContext.get_current().copy()
+    context = quiet_context()
     context.op_resource_reservation_enabled = False
     return context
 

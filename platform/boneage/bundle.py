@@ -1,0 +1,132 @@
+"""Model bundles: a trained model as a self-describing folder, and a registry of numbered versions.
+
+A bundle folder holds ``model.pt`` (a state dict, loaded with ``torch.load(weights_only=True)``) and
+``bundle.json``: the model config, image size and preprocessing, the target's mean and SD, training and
+validation metrics, the prepared data's manifest hash, the code version, the creation time and the SHA-256 of
+``model.pt``, which :func:`load_bundle` checks before loading. Loading needs only this library, not Ray.
+
+The registry keeps bundles as ``<root>/<name>/<version>/`` (1, 2, 3, ...). A reference is a bundle folder, or
+``<name>:<version>``, or ``<name>:latest`` resolved in the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from boneage.artifacts import code_version, sha256_file, write_json
+from boneage.config import ModelConfig, parse_section
+from boneage.model import BoneAgeNet
+
+BUNDLE_FORMAT = 1
+WEIGHTS = "model.pt"
+META = "bundle.json"
+
+
+class BundleError(ValueError):
+    """A bundle that is missing, incomplete, or whose weights do not match their recorded checksum."""
+
+
+@dataclass
+class LoadedBundle:
+    """A model ready for inference (eval mode, on CPU) and its metadata."""
+
+    model: BoneAgeNet
+    meta: dict[str, Any]
+    path: Path
+
+    def to_months(self, standardised: torch.Tensor) -> torch.Tensor:
+        """Model output -> bone age in months."""
+        return standardised * self.meta["target"]["std"] + self.meta["target"]["mean"]
+
+
+def write_bundle(folder: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write ``model.pt`` and ``bundle.json`` (with the weights' checksum and provenance) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state_dict, folder / WEIGHTS)
+    full = {"format": BUNDLE_FORMAT, **meta, "weights_sha256": sha256_file(folder / WEIGHTS),
+            "code_version": code_version(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_json(folder / META, full)
+    return folder
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """``bundle.json`` of a bundle folder, after checking that ``model.pt`` matches its recorded checksum."""
+    folder = Path(path)
+    if not (folder / META).is_file() or not (folder / WEIGHTS).is_file():
+        raise BundleError(f"{folder} is not a model bundle: it needs {WEIGHTS} and {META}")
+    meta = json.loads((folder / META).read_text())
+    actual = sha256_file(folder / WEIGHTS)
+    if actual != meta.get("weights_sha256"):
+        raise BundleError(f"{folder / WEIGHTS} does not match the checksum in {META} (expected "
+                          f"{meta.get('weights_sha256')}, found {actual}): the bundle was modified or damaged")
+    return meta
+
+
+def load_bundle(path: str | Path) -> LoadedBundle:
+    """Verify and load a bundle into an eval-mode model on the CPU."""
+    folder = Path(path)
+    meta = read_meta(folder)
+    model_cfg = parse_section(ModelConfig, {**meta["model"], "weights": "none"}, "model")
+    model = BoneAgeNet(model_cfg, meta["image_size"])
+    state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return LoadedBundle(model=model.eval(), meta=meta, path=folder)
+
+
+def register(bundle: Path, root: str | Path, name: str) -> Path:
+    """Copy a bundle folder into the registry as the next version of ``name``; return the version folder.
+
+    A bundle whose weights are already registered under ``name`` is not copied again: its version is returned.
+    """
+    meta = read_meta(bundle)
+    models = Path(root) / name
+    models.mkdir(parents=True, exist_ok=True)
+    for version in versions(root, name):
+        if read_meta(models / str(version))["weights_sha256"] == meta["weights_sha256"]:
+            return models / str(version)
+    staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=models))
+    shutil.copytree(bundle, staging, dirs_exist_ok=True)
+    while True:  # another process may take a number first: rename fails, try the next one
+        target = models / str(max(versions(root, name), default=0) + 1)
+        try:
+            os.rename(staging, target)  # atomic: readers never see a half-copied version
+            return target
+        except OSError:
+            if not target.exists():
+                raise
+
+
+def versions(root: str | Path, name: str) -> list[int]:
+    """The registered version numbers of ``name``, ascending."""
+    folder = Path(root) / name
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def resolve(reference: str, root: str | Path) -> Path:
+    """A bundle folder from a path or a registry reference ``<name>:<version>`` / ``<name>:latest``."""
+    if Path(reference).is_dir():
+        return Path(reference)
+    name, sep, version = reference.rpartition(":")
+    if not sep or not name:
+        raise BundleError(f"{reference!r} is neither a bundle folder nor a registry reference like "
+                          f"'<name>:<version>' or '<name>:latest'")
+    known = versions(root, name)
+    if not known:
+        raise BundleError(f"no model named {name!r} in the registry at {root}")
+    if version == "latest":
+        return Path(root) / name / str(known[-1])
+    if not version.isdigit() or int(version) not in known:
+        raise BundleError(f"{name} has no version {version!r}; registered: {', '.join(map(str, known))}, latest")
+    return Path(root) / name / version

@@ -1,0 +1,116 @@
+"""The training step and evaluation, free of Ray: the Ray Train loop, the benchmarks and a GPU box without Ray
+all run exactly this code.
+
+A batch is a dict of tensors on the device: ``image`` (B, 1, S, S) uint8, ``boneage`` (B,) months,
+``male`` (B,) 0/1. Nothing here waits on the device: losses and errors accumulate as device tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from boneage.augment import build_augmentation
+from boneage.config import Config
+from boneage.model import NUM_BLOCKS, BoneAgeNet
+
+
+class TrainStep:
+    """One optimisation step: uint8 -> [0, 1], augment on the device, channels_last, bf16 autocast on GPUs,
+    L1 on the standardised target, gradient clipping, AdamW, warm-up + cosine learning rate."""
+
+    def __init__(self, model: nn.Module, net: BoneAgeNet, cfg: Config, steps_per_epoch: int, target_mean: float,
+                 target_std: float, device: torch.device):
+        self.model, self.net, self.cfg = model, net, cfg
+        self.mean, self.std = target_mean, target_std
+        self.augment = build_augmentation(cfg.augment).to(device)
+        self.autocast = autocast_for(device)
+        self.optimizer, self.scheduler, self.active = make_optimizer(net, cfg, steps_per_epoch)
+        self.loss_sum = torch.zeros((), device=device)
+        self.seen = 0
+
+    def start_epoch(self, epoch: int) -> None:
+        """Apply the freezing schedule and reset the epoch's running loss."""
+        tc = self.cfg.train
+        trainable = tc.unfreeze_blocks if epoch >= tc.freeze_epochs else 0
+        self.net.freeze_bottom_blocks(NUM_BLOCKS - trainable)
+        self.active[1:] = [1.0 if block >= NUM_BLOCKS - trainable else 0.0 for block in range(NUM_BLOCKS)]
+        self.model.train()
+        self.loss_sum.zero_()
+        self.seen = 0
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> None:
+        image = self.augment(to_unit(batch["image"])).contiguous(memory_format=torch.channels_last)
+        target = (batch["boneage"] - self.mean) / self.std
+        with self.autocast:
+            prediction = self.model(image, batch["male"])  # (B,) standardised
+        loss = F.l1_loss(prediction.float(), target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.loss_sum += loss.detach() * len(target)  # on the device: no host sync per step
+        self.seen += len(target)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], mean: float, std: float,
+             device: torch.device) -> list[torch.Tensor]:
+    """Sums over the batches: [|error|, error^2, count], errors in months, as device tensors (no sync)."""
+    model.eval()
+    abs_sum, sq_sum, count = (torch.zeros((), device=device) for _ in range(3))
+    with torch.no_grad(), autocast_for(device):
+        for batch in batches:
+            image = to_unit(batch["image"]).contiguous(memory_format=torch.channels_last)
+            error = model(image, batch["male"]).float() * std + mean - batch["boneage"]
+            abs_sum += error.abs().sum()
+            sq_sum += error.square().sum()
+            count += len(error)
+    return [abs_sum, sq_sum, count]
+
+
+def make_optimizer(model: BoneAgeNet, cfg: Config, steps_per_epoch: int):
+    """AdamW over the head and the five conv blocks, with warm-up + cosine decay to zero.
+
+    Returns the optimizer, its scheduler and ``active``: per-group learning-rate factors (head first, then blocks
+    bottom to top) set to 0 for frozen blocks, so they do not move even under weight decay.
+    """
+    tc = cfg.train
+    groups = [{"params": model.head_parameters(), "lr": tc.lr}]
+    groups += [{"params": list(block.parameters()), "lr": tc.lr * tc.backbone_lr_scale}
+               for block in model.block_layers()]
+    optimizer = torch.optim.AdamW(groups, weight_decay=tc.weight_decay)
+    warmup = tc.warmup_epochs * steps_per_epoch
+    total = tc.epochs * steps_per_epoch
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(total - warmup, 1))))
+
+    active = [1.0] * (NUM_BLOCKS + 1)
+    lambdas = [lambda step, i=i: schedule(step) * active[i] for i in range(NUM_BLOCKS + 1)]
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas), active
+
+
+def to_unit(image: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float in [0, 1]."""
+    return image.float().div_(255.0)
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on GPUs; full precision on CPUs (where bf16 is usually slower)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()

@@ -1,0 +1,122 @@
+"""The bone-age regressor: a torchvision VGG16 backbone, a sex embedding, and a small regression head.
+
+Shapes for a batch of B grayscale images of side S (S divisible by 32):
+
+    image (B, 1, S, S) float in [0, 1] -> features (B, 512, S/32, S/32) -> pooled (B, F)
+    male  (B,) float 0/1               -> sex embedding (B, E)
+    concat (B, F + E) -> head -> (B,) standardised bone age (multiply by the training SD, add the mean)
+
+F is 512 for ``avg``/``max`` pooling and 512 * (S/32)^2 for ``flatten`` (the original 6x6x512 design at S=192).
+The grayscale image is replicated to three channels and normalised with ImageNet's statistics inside the model, so
+pretrained weights see exactly what they were trained on. (Folding the three channels into the first convolution's
+weights would save 0.5% of the FLOPs but is not exact: zero padding then means a different value at the border.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from boneage.config import ModelConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NUM_BLOCKS = 5  # VGG16's conv blocks, each ending in a max-pool
+
+
+class WeightsNotFound(FileNotFoundError):
+    """Pretrained weights were asked for but are not on this machine."""
+
+
+class BoneAgeNet(nn.Module):
+    """VGG16 features + sex embedding -> standardised bone age."""
+
+    def __init__(self, cfg: ModelConfig, image_size: int):
+        super().__init__()
+        self.register_buffer("rgb_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("rgb_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.features = torchvision.models.get_model(cfg.arch, weights=None).features
+        self.pool = {"avg": nn.AdaptiveAvgPool2d(1), "max": nn.AdaptiveMaxPool2d(1), "flatten": nn.Identity()}[
+            cfg.pooling]
+        pooled = 512 * ((image_size // 32) ** 2 if cfg.pooling == "flatten" else 1)
+        self.sex = nn.Sequential(nn.Linear(1, cfg.sex_embedding), nn.ReLU(inplace=True))
+        layers: list[nn.Module] = []
+        width = pooled + cfg.sex_embedding
+        for hidden in cfg.head:
+            layers += [nn.Dropout(cfg.dropout), nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+            width = hidden
+        layers.append(nn.Linear(width, 1))
+        self.head = nn.Sequential(*layers)
+        self.frozen_layers = 0  # the first layers of self.features, run without gradients
+
+    def forward(self, image: torch.Tensor, male: torch.Tensor) -> torch.Tensor:
+        x = (image.expand(-1, 3, -1, -1) - self.rgb_mean) / self.rgb_std  # (B, 3, S, S), as ImageNet models expect
+        frozen, trainable = self.features[:self.frozen_layers], self.features[self.frozen_layers:]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_layers):
+            x = frozen(x)  # no activations kept for backward: frozen blocks cost only their forward
+        features = self.pool(trainable(x)).flatten(1)  # (B, F)
+        sex = self.sex(male.to(features.dtype).unsqueeze(1))  # (B, E)
+        return self.head(torch.cat([features, sex], dim=1)).squeeze(1)  # (B,)
+
+    def block_layers(self) -> list[nn.Sequential]:
+        """The backbone's five conv blocks, bottom (0) to top (4), each ending with its max-pool."""
+        blocks: list[list[nn.Module]] = [[]]
+        for layer in self.features:
+            blocks[-1].append(layer)
+            if isinstance(layer, nn.MaxPool2d) and len(blocks) < NUM_BLOCKS:
+                blocks.append([])
+        return [nn.Sequential(*b) for b in blocks]
+
+    def freeze_bottom_blocks(self, count: int) -> None:
+        """Freeze the bottom ``count`` conv blocks: no gradients, batch-norm statistics fixed."""
+        self.frozen_layers = sum(len(block) for block in self.block_layers()[:count])
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> BoneAgeNet:
+        super().train(mode)
+        for layer in self.features[:self.frozen_layers]:
+            layer.eval()  # frozen batch-norm layers keep their statistics
+        return self
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.sex.parameters()) + list(self.head.parameters())
+
+
+def build_model(cfg: ModelConfig, image_size: int) -> BoneAgeNet:
+    """A new model with the backbone weights ``cfg.weights`` asks for (``none``: random initialisation)."""
+    if image_size % 32:
+        raise ValueError(f"image size {image_size} must be a multiple of 32 for VGG16's five max-pools")
+    model = BoneAgeNet(cfg, image_size)
+    if cfg.weights != "none":
+        load_backbone_weights(model, cfg.arch, cfg.weights)
+    return model
+
+
+def load_backbone_weights(model: BoneAgeNet, arch: str, weights: str) -> None:
+    """Load a torchvision VGG16 state dict (``imagenet``: from the torch hub cache) into the backbone."""
+    path = imagenet_weights_path(arch) if weights == "imagenet" else Path(weights)
+    if not path.is_file():
+        raise WeightsNotFound(_missing_weights_message(arch, weights, path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+    if not features:
+        raise ValueError(f"{path} holds no 'features.*' tensors: it is not a torchvision {arch} state dict")
+    model.features.load_state_dict(features)
+
+
+def imagenet_weights_path(arch: str) -> Path:
+    """Where torchvision keeps (and looks for) the ImageNet weights of ``arch``."""
+    url = torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+
+
+def _missing_weights_message(arch: str, weights: str, path: Path) -> str:
+    if weights != "imagenet":
+        return f"model.weights={weights}: no such file"
+    url = torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
+    return (f"ImageNet weights for {arch} are not on this machine and are never downloaded at run time. "
+            f"Expected the file {path.name} at {path} (the torch hub cache; TORCH_HOME moves it). Download {url} "
+            f"there, or set model.weights=/path/to/{path.name}, or model.weights=none for random initialisation.")

@@ -1,0 +1,291 @@
+"""Data-parallel training with Ray Train (V2): the loop each worker runs, and the driver that launches it.
+
+Each worker streams its shard of the prepared Parquet (``get_dataset_shard`` + ``iter_torch_batches`` with
+prefetching), decodes nothing (images are raw uint8), augments on its device with Kornia, and trains a DDP-wrapped
+:class:`~boneage.model.BoneAgeNet` with AdamW, warm-up + cosine learning rate, L1 loss on the standardised
+target and gradient clipping; bf16 autocast and channels_last on GPUs. Nothing in the step loop waits on the device:
+losses and errors accumulate as device tensors, summed across workers once per epoch.
+
+Every epoch reports train loss, val MAE / RMSE in months, images/s per worker and the learning rate, with a
+checkpoint from rank 0; Ray Train keeps the best by val MAE. A killed worker restarts the group from the last
+checkpoint (``train.max_failures``); the run name is derived from the settings, so submitting the same job again
+resumes it. A non-finite loss ends the run with :class:`NonFiniteLoss`, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from boneage.artifacts import atomic_directory, sha256_json
+from boneage.bundle import register, write_bundle
+from boneage.config import Config, config_from_dict, to_dict
+from boneage.dataset import images_from_column, read_split
+from boneage.engine import TrainStep, evaluate
+from boneage.model import NUM_BLOCKS, BoneAgeNet, build_model
+from boneage.prepare import read_manifest
+
+log = logging.getLogger(__name__)
+
+METRIC = "val_mae"
+MODEL_FILE = "model.pt"
+STATE_FILE = "train_state.pt"
+# Settings that change how a run executes but not what it learns: left out of the derived run name.
+_RUN_NAME_EXCLUDES = {"num_workers", "cpus_per_worker", "use_gpu", "storage_path", "run_name", "max_failures",
+                      "keep_checkpoints", "prefetch_batches", "threads_per_worker"}
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished run produced."""
+
+    bundle: Path  # the best checkpoint, registered as a model bundle
+    metrics: dict[str, Any]  # the best epoch's metrics
+    final_metrics: dict[str, Any]  # the last epoch's metrics
+    baseline_mae: float  # val MAE of always predicting the training mean
+    run_path: str
+
+
+class BoneAgeCollate(NumpyBatchCollateFn):
+    """A Ray Data batch -> tensors: image (B, 1, S, S) uint8, boneage (B,) float32 months, male (B,) float32."""
+
+    def __init__(self, image_size: int):
+        super().__init__()
+        self.image_size = image_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        images = images_from_column(batch["image"], self.image_size)
+        return {"image": torch.from_numpy(images).unsqueeze(1),
+                "boneage": torch.from_numpy(batch["boneage"].astype(np.float32)),
+                "male": torch.from_numpy(batch["male"].astype(np.float32))}
+
+
+# ---------------------------------------------------------------- the worker side
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's per-worker function. Returns (from rank 0) how the run ended."""
+    cfg = config_from_dict(loop_config["config"])
+    tc = cfg.train
+    # Ray Train logs every report at INFO through a logger named after its source file, which sits outside
+    # "ray.train" and so escapes LoggingConfig: quiet the worker's root logger. The epoch lines are ours to print.
+    logging.getLogger().setLevel(logging.WARNING)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, tc.threads_per_worker or round(tc.cpus_per_worker)))
+    image_size, mean, std = loop_config["image_size"], loop_config["target_mean"], loop_config["target_std"]
+
+    net = build_model(cfg.model, image_size).to(memory_format=torch.channels_last)
+    freezing = tc.freeze_epochs > 0 or tc.unfreeze_blocks < NUM_BLOCKS
+    model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": freezing})
+    steps_per_epoch = max(1, loop_config["train_rows"] // world // tc.batch_size)
+    step = TrainStep(model, net, cfg, steps_per_epoch, mean, std, device)
+    start_epoch = restore(ray.train.get_checkpoint(), net, step)
+    collate = BoneAgeCollate(image_size)
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    nodes = _count_nodes()
+    if rank == 0:
+        print(f"training on {world} worker(s) across {nodes} node(s), {device.type}, from epoch {start_epoch + 1}",
+              flush=True)
+
+    for epoch in range(start_epoch, tc.epochs):
+        torch.manual_seed(tc.seed * 100_003 + epoch * 1_009 + rank)  # augmentations repeat after a restart
+        started = time.perf_counter()
+        step.start_epoch(epoch)
+        for batch in train_shard.iter_torch_batches(
+                batch_size=tc.batch_size, prefetch_batches=tc.prefetch_batches, collate_fn=collate,
+                drop_last=True, local_shuffle_buffer_size=tc.shuffle_buffer or None,
+                local_shuffle_seed=tc.seed + epoch, pin_memory=device.type == "cuda"):
+            step(batch)
+        train_seconds = time.perf_counter() - started
+        val = evaluate(model, val_shard.iter_torch_batches(batch_size=2 * tc.batch_size, collate_fn=collate),
+                       mean, std, device)
+        totals = _sum_over_workers(torch.stack([step.loss_sum, torch.tensor(float(step.seen), device=device),
+                                                *val]))
+        metrics = {
+            "epoch": epoch + 1, "train_loss": totals[0] / max(totals[1], 1.0),
+            METRIC: totals[2] / max(totals[4], 1.0), "val_rmse": math.sqrt(totals[3] / max(totals[4], 1.0)),
+            "images_per_s_per_worker": step.seen / max(train_seconds, 1e-9),
+            "lr": step.optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - started,
+            "resumed_at_epoch": start_epoch, "val_rows": int(totals[4]),
+        }
+        if not (math.isfinite(metrics["train_loss"]) and math.isfinite(metrics[METRIC])):
+            ray.train.report({**metrics, "nonfinite_loss": 1})  # no checkpoint: the last good one stays best
+            return {"stopped": "nonfinite_loss", "epoch": epoch + 1}
+        if rank == 0:
+            print(format_epoch(metrics, tc.epochs), flush=True)
+        report_with_checkpoint(metrics, net, step, rank, loop_config["local_checkpoint"])
+    return {"stopped": "completed", "epoch": tc.epochs}
+
+
+def restore(checkpoint: Checkpoint | None, net: BoneAgeNet, step: TrainStep) -> int:
+    """Load a checkpoint's weights and optimizer state; return the epoch to start from (0 without one).
+
+    Every worker loads the same checkpoint, so DDP replicas stay identical."""
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        weights = torch.load(Path(folder) / MODEL_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    net.load_state_dict(weights)
+    step.load_state_dict(state)
+    return int(state["epoch"])
+
+
+def report_with_checkpoint(metrics: dict[str, Any], net: BoneAgeNet, step: TrainStep, rank: int,
+                           local_folder: str | None) -> None:
+    """Every worker reports; rank 0 attaches the checkpoint (weights, optimizer, scheduler, epoch).
+
+    In local mode (no workers) Ray Train persists no checkpoints, so the checkpoint is written straight to
+    ``local_folder`` (replaced atomically each epoch) and reported from there."""
+    if local_folder:
+        with atomic_directory(local_folder) as folder:
+            save_checkpoint(Path(folder), metrics["epoch"], net, step)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(local_folder))
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(Path(folder), metrics["epoch"], net, step)
+            checkpoint = Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def save_checkpoint(folder: Path, epoch: int, net: BoneAgeNet, step: TrainStep) -> None:
+    torch.save(net.state_dict(), folder / MODEL_FILE)
+    torch.save({**step.state_dict(), "epoch": epoch}, folder / STATE_FILE)
+
+
+def format_epoch(metrics: dict[str, Any], epochs: int) -> str:
+    """One readable progress line."""
+    return (f"epoch {metrics['epoch']}/{epochs}  train_loss {metrics['train_loss']:.3f}  "
+            f"val_mae {metrics[METRIC]:.2f} mo  val_rmse {metrics['val_rmse']:.2f} mo  lr {metrics['lr']:.2e}  "
+            f"{metrics['images_per_s_per_worker']:.0f} img/s/worker  {metrics['epoch_seconds']:.0f} s")
+
+
+def _count_nodes() -> int:
+    """How many distinct nodes the workers run on."""
+    node = ray.get_runtime_context().get_node_id()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    nodes: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(nodes, node)
+    return len(set(nodes))
+
+
+def _sum_over_workers(values: torch.Tensor) -> list[float]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values)
+    return values.tolist()  # the epoch's one host sync
+
+
+# ---------------------------------------------------------------- the driver side
+
+def run_training(cfg: Config) -> TrainOutcome:
+    """Train on ``cfg.data.out`` with Ray Train and register the best checkpoint as a model bundle."""
+    manifest = read_manifest(cfg.data.out)
+    train_stats = manifest["label_statistics"]["train"]
+    loop_config = {"config": to_dict(cfg), "image_size": manifest["image_size"],
+                   "target_mean": train_stats["boneage_mean"], "target_std": train_stats["boneage_std"],
+                   "train_rows": manifest["splits"]["counts"]["train"], "local_checkpoint": None}
+    datasets = {"train": read_split(cfg.data.out, "train"), "val": read_split(cfg.data.out, "val")}
+    baseline = mean_baseline_mae(datasets["val"], train_stats["boneage_mean"])
+    name = cfg.train.run_name or run_name(cfg, manifest)
+    storage = storage_path(cfg.train.storage_path)
+    if cfg.train.num_workers == 0:  # local mode: debugging in this process; it keeps only its last checkpoint
+        if "://" in storage:
+            raise ValueError("train.num_workers=0 (local mode) keeps its checkpoint in a local folder; set "
+                             "train.storage_path to a local path")
+        loop_config["local_checkpoint"] = str(Path(storage) / name / "local-checkpoint")
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config, datasets=datasets,
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=_use_gpu(cfg),
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+                                     placement_strategy=cfg.train.placement_strategy),
+        run_config=RunConfig(
+            name=name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),  # the epoch lines say what matters
+            # Ray Train reroutes print() through its loggers, which printed each epoch line twice.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                               checkpoint_score_attribute=METRIC, checkpoint_score_order="min")))
+    log.info("training run %s: %d train / %d val images at %d px; predict-the-mean val MAE %.2f months", name,
+             loop_config["train_rows"], manifest["splits"]["counts"]["val"], manifest["image_size"], baseline)
+    result = trainer.fit()
+    # Local mode keeps no ranking of checkpoints: its last one stands in for the best.
+    best = result.get_best_checkpoint(METRIC, "min") if result.best_checkpoints else result.checkpoint
+    if (result.return_value or {}).get("stopped") == "nonfinite_loss":
+        raise NonFiniteLoss(f"the training loss became NaN or infinite in epoch {result.return_value['epoch']} of "
+                            f"run {name}; the run stopped. Last good checkpoint: "
+                            f"{best.path if best else 'none (it failed in the first epoch)'}. Lower train.lr or "
+                            "check the data.")
+    metrics = next((m for c, m in result.best_checkpoints or [] if c.path == best.path), result.metrics)
+    bundle = export_bundle(best, cfg, loop_config, metrics, baseline, manifest, name)
+    return TrainOutcome(bundle=bundle, metrics=metrics, final_metrics=result.metrics, baseline_mae=baseline,
+                        run_path=result.path)
+
+
+def export_bundle(checkpoint: Checkpoint, cfg: Config, loop_config: dict[str, Any], metrics: dict[str, Any],
+                  baseline: float, manifest: dict[str, Any], name: str) -> Path:
+    """Write the checkpoint as a model bundle and register it as the next version in the registry."""
+    meta = {
+        "name": cfg.registry.name, "run": name, "checkpoint": checkpoint.path,
+        "model": to_dict(cfg.model), "image_size": loop_config["image_size"],
+        "preprocessing": manifest["preprocessing"],
+        "target": {"mean": loop_config["target_mean"], "std": loop_config["target_std"]},
+        "metrics": {**{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                    "val_mae_mean_baseline": baseline},
+        "data": {"prepared": str(Path(cfg.data.out).resolve()), "manifest_fingerprint": manifest["fingerprint"]},
+        "train": to_dict(cfg.train), "augment": to_dict(cfg.augment),
+    }
+    with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as staging:
+        state = torch.load(Path(folder) / MODEL_FILE, map_location="cpu", weights_only=True)
+        write_bundle(Path(staging), state, meta)
+        return register(Path(staging), cfg.registry.root, cfg.registry.name)
+
+
+def mean_baseline_mae(val: ray.data.Dataset, train_mean: float) -> float:
+    """The val MAE of a model that always answers the training mean: what learning must beat."""
+    ages = val.select_columns(["boneage"]).to_pandas()["boneage"]
+    return float((ages - train_mean).abs().mean())
+
+
+def run_name(cfg: Config, manifest: dict[str, Any]) -> str:
+    """A name fixed by what the run learns (data, model, augmentations, optimisation), so resubmitting the same
+    job finds and resumes its own run, and a changed setting starts a new one."""
+    train = {k: v for k, v in to_dict(cfg.train).items() if k not in _RUN_NAME_EXCLUDES}
+    learns = {"data": manifest["fingerprint"], "model": to_dict(cfg.model), "augment": to_dict(cfg.augment),
+              "train": train}
+    return f"{cfg.registry.name}-{sha256_json(learns)[:10]}"
+
+
+def storage_path(path: str) -> str:
+    """Ray Train wants an absolute local path or a URI (s3://, gs://, ...)."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def _use_gpu(cfg: Config) -> bool:
+    if cfg.train.use_gpu == "auto":
+        if not ray.is_initialized():
+            ray.init()
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(cfg.train.use_gpu)

@@ -1,0 +1,137 @@
+"""Ray Train: local mode, 2 workers, a killed worker, a killed and resubmitted driver, NaN loss, the bundle."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from boneage.bundle import load_bundle
+from boneage.train import NonFiniteLoss, run_name, run_training
+from boneage.prepare import read_manifest
+from helpers import ROOT, train_config
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def checkpoints(run_folder: Path) -> list[Path]:
+    return sorted(p for p in run_folder.glob("checkpoint_*") if p.is_dir()) if run_folder.is_dir() else []
+
+
+def wait_for_checkpoint(run_folder: Path, timeout: float = 300) -> None:
+    """Until Ray Train has registered a checkpoint (its manager's snapshot lists it), not just begun writing it."""
+    deadline = time.time() + timeout
+    snapshot = run_folder / "checkpoint_manager_snapshot.json"
+    while not (checkpoints(run_folder) and snapshot.is_file() and "checkpoint_" in snapshot.read_text()):
+        if time.time() > deadline:
+            raise TimeoutError(f"no checkpoint in {run_folder}")
+        time.sleep(0.2)
+
+
+def test_local_mode_trains_and_exports_a_loadable_bundle(prepared_dir, tmp_path):
+    outcome = run_training(train_config(prepared_dir, tmp_path, "train.num_workers=0"))
+    assert math.isfinite(outcome.metrics["val_mae"]) and outcome.metrics["epoch"] == 1
+    assert outcome.baseline_mae > 0
+    bundle = load_bundle(outcome.bundle)
+    assert bundle.meta["image_size"] == 32 and bundle.meta["metrics"]["val_mae"] == outcome.metrics["val_mae"]
+    assert bundle.meta["data"]["manifest_fingerprint"] == read_manifest(prepared_dir)["fingerprint"]
+    with torch.no_grad():
+        months = bundle.to_months(bundle.model(torch.rand(2, 1, 32, 32), torch.tensor([0.0, 1.0])))
+    assert torch.isfinite(months).all()
+    assert outcome.bundle.parent.parent == tmp_path / "registry"
+
+
+def test_two_workers_train_data_parallel(prepared_dir, tmp_path):
+    cfg = train_config(prepared_dir, tmp_path, "train.num_workers=2", "train.epochs=2", "train.keep_checkpoints=1")
+    outcome = run_training(cfg)
+    assert outcome.final_metrics["epoch"] == 2 and outcome.final_metrics["resumed_at_epoch"] == 0
+    # The two workers validated disjoint halves of the val split (an equal split drops at most one row).
+    val_rows = read_manifest(prepared_dir)["splits"]["counts"]["val"]
+    assert val_rows - 1 <= outcome.final_metrics["val_rows"] <= val_rows
+    assert len(checkpoints(Path(outcome.run_path))) == 1  # only the best is kept
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of live Ray Train worker processes (Ray titles them ``ray::RayTrainWorker...``), newest last."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                pids.append((entry.stat().st_mtime, int(entry.name)))
+        except OSError:
+            continue  # the process ended while we looked
+    return [pid for _, pid in sorted(pids)]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_restarts_from_the_last_checkpoint(prepared_dir, tmp_path):
+    cfg = train_config(prepared_dir, tmp_path, "train.num_workers=2", "train.epochs=3", "train.max_failures=2")
+    run_folder = tmp_path / "runs" / run_name(cfg, read_manifest(prepared_dir))
+
+    def kill_a_worker():
+        wait_for_checkpoint(run_folder)
+        os.kill(train_worker_pids()[-1], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_a_worker)
+    killer.start()
+    outcome = run_training(cfg)
+    killer.join()
+    assert outcome.final_metrics["epoch"] == 3
+    assert outcome.final_metrics["resumed_at_epoch"] >= 1  # picked up from a checkpoint, not from scratch
+
+
+@pytest.mark.slow
+def test_resubmitting_a_killed_job_resumes_it(prepared_dir, tmp_path, ray_session):
+    cfg_args = ["--set", f"data.out={prepared_dir}", "model.head=[16]", "train.batch_size=8", "train.epochs=3",
+                "train.threads_per_worker=1", f"train.storage_path={tmp_path / 'runs'}",
+                f"registry.root={tmp_path / 'registry'}"]
+    command = [sys.executable, "jobs/train.py", "--config", "configs/train.yaml", *cfg_args]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_for_checkpoint(next_run_folder(tmp_path / "runs"))
+    first.kill()  # the driver dies mid-run
+    first.wait()
+    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "epoch 3/3" in second.stdout and "epoch 1/3" not in second.stdout
+    assert second.stdout.strip().splitlines()[-1].startswith("bundle: ")
+
+
+def next_run_folder(runs: Path, timeout: float = 300) -> Path:
+    deadline = time.time() + timeout
+    while not (runs.is_dir() and any(runs.iterdir())):
+        if time.time() > deadline:
+            raise TimeoutError(f"no run folder under {runs}")
+        time.sleep(0.2)
+    return next(runs.iterdir())
+
+
+def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(prepared_dir, tmp_path):
+    good = train_config(prepared_dir, tmp_path, "train.run_name=nan-run")
+    run_training(good)  # epoch 1 on good data: a checkpoint
+    kept = checkpoints(tmp_path / "runs" / "nan-run")
+    assert len(kept) == 1
+
+    poisoned = tmp_path / "poisoned"
+    (poisoned / "train").mkdir(parents=True)
+    for split in ["val"]:
+        (poisoned / split).symlink_to(prepared_dir / split)
+    (poisoned / "manifest.json").symlink_to(prepared_dir / "manifest.json")
+    for part in (prepared_dir / "train").glob("*.parquet"):
+        table = pq.read_table(part)
+        nan = pa.array([float("nan")] * len(table), pa.float64())
+        pq.write_table(table.set_column(table.schema.get_field_index("boneage"), "boneage", nan),
+                       poisoned / "train" / part.name)
+    with pytest.raises(NonFiniteLoss, match=r"NaN or infinite in epoch 2.*Last good checkpoint: .*checkpoint_"):
+        run_training(train_config(poisoned, tmp_path, "train.run_name=nan-run", "train.epochs=2"))
+    assert checkpoints(tmp_path / "runs" / "nan-run") == kept
+    assert pc.all(pc.is_finite(pq.read_table(prepared_dir / "train")["boneage"])).as_py()
