@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
 from boneage.config import load_config  # noqa: E402
-from boneage.engine import TrainStep  # noqa: E402
+from boneage.engine import TrainStep, synchronize  # noqa: E402
 from boneage.model import build_model  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s.
@@ -63,11 +63,6 @@ def forward_flops(cfg, size: int, device: torch.device) -> float:
 def device_batch(batch: int, size: int, device: torch.device) -> dict[str, torch.Tensor]:
     return {"image": torch.randint(0, 256, (batch, 1, size, size), dtype=torch.uint8, device=device),
             "boneage": torch.rand(batch, device=device) * 228, "male": torch.randint(0, 2, (batch,), device=device).float()}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def steps_per_second(step: TrainStep, batch: dict, steps: int, warmup: int, device: torch.device) -> float:

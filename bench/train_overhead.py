@@ -1,6 +1,6 @@
 """Benchmark Ray Train's overhead: one Ray Train worker against a plain PyTorch loop (issue 3).
 
-    python bench/train_overhead.py [--n 800] [--image-size 64] [--threads 2]
+    python bench/train_overhead.py [--n 1600] [--image-size 64] [--threads 2]
 
 Both run the same `boneage.engine.TrainStep` (model, augmentation, optimiser) with the same batch size and torch
 threads on the same phantom images. The plain loop iterates in-memory tensors; the Ray Train worker streams the
@@ -61,7 +61,7 @@ def plain_loop_images_per_s(cfg, prepared: Path, threads: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=800, help="phantoms (70%% are trained on)")
+    parser.add_argument("--n", type=int, default=1600, help="phantoms (70%% are trained on)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -82,12 +82,13 @@ def main() -> None:
         plain = plain_loop_images_per_s(cfg, work / "prepared", args.threads)
         outcome = run_training(cfg)
         ray_rate = outcome.final_metrics["images_per_s_per_worker"]
+        train_images = read_manifest(work / "prepared")["splits"]["counts"]["train"]
     ray.shutdown()
     ratio = ray_rate / plain
     print(f"plain loop {plain:.1f} img/s | Ray Train worker {ray_rate:.1f} img/s | ratio {ratio:.3f} "
           f"(overhead {100 * (1 - ratio):.1f}%)")
     write_result("train_overhead", {
-        "image_size": args.image_size, "batch_size": 32, "threads": args.threads, "train_images": None,
+        "image_size": args.image_size, "batch_size": 32, "threads": args.threads, "train_images": train_images,
         "plain_loop_images_per_s": plain, "ray_train_images_per_s": ray_rate, "ray_over_plain": ratio,
         "target_ray_over_plain": 0.9,
     })

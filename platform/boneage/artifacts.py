@@ -48,13 +48,24 @@ def code_version() -> dict[str, Any]:
     return version
 
 
+@contextmanager
+def atomic_file(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; on success it replaces ``final``, on error it is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: str | Path, value: Any) -> Path:
     """Write ``value`` as indented JSON, replacing ``path`` atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    return Path(path)
 
 
 @contextmanager

@@ -22,9 +22,14 @@ Rotation, shift and zoom are one affine warp (a single resampling). Kornia draws
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import kornia.augmentation as K
+import torch
+import torchvision.utils
 from torch import nn
 
+from boneage.artifacts import atomic_file
 from boneage.config import AugmentConfig
 
 PADDING = {"nearest": "border", "constant": "zeros", "reflect": "reflection"}
@@ -47,3 +52,17 @@ def build_augmentation(cfg: AugmentConfig) -> nn.Module:
     if not ops:
         return nn.Identity()
     return K.AugmentationSequential(*ops, data_keys=["input"])
+
+
+def write_preview(images: torch.Tensor, cfg: AugmentConfig, path: str | Path, seed: int = 0,
+                  variants: int = 3) -> Path:
+    """Save a PNG grid: the first row shows ``images`` (N, 1, S, S) uint8 as they are, each row below one random
+    augmentation of every image, so the settings can be judged by eye before training."""
+    torch.manual_seed(seed)
+    augment = build_augmentation(cfg)
+    originals = images.float() / 255.0
+    rows = [originals] + [augment(originals) for _ in range(variants)]
+    grid = torchvision.utils.make_grid(torch.cat(rows), nrow=len(images), padding=2, pad_value=1.0)
+    with atomic_file(path) as tmp:
+        torchvision.utils.save_image(grid, tmp, format="png")
+    return Path(path)

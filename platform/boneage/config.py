@@ -93,6 +93,8 @@ class AugmentConfig:
     zoom_range: float = setting(0.25, low=0.0, high=0.95, doc="zoom factor in [1 - z, 1 + z], as in Keras")
     horizontal_flip: bool = setting(True, doc="mirror half of the images")
     fill_mode: Literal["nearest", "constant", "reflect"] = setting("nearest", doc="pixels shifted in from outside")
+    preview_path: str = setting("outputs/augment-preview.png", doc="where jobs/preview_augment.py writes its grid")
+    preview_images: int = setting(8, low=1, high=64, doc="training images shown in the preview grid")
 
     def validate(self) -> None:
         low_high = self.brightness_range
@@ -121,6 +123,8 @@ class TrainConfig:
     unfreeze_blocks: int = setting(5, low=0, high=5, doc="after freeze_epochs, train the top K of 5 conv blocks")
     prefetch_batches: int = setting(2, low=0, high=64, doc="batches Ray Data prepares ahead of the step")
     shuffle_buffer: int = setting(512, low=0, high=1_000_000, doc="rows in the local shuffle buffer (0: off)")
+    cache_dataset: bool = setting(True, doc="keep the splits in Ray's object store across epochs instead of "
+                                            "re-reading Parquet; turn off for data larger than the object store")
     seed: int = setting(0, low=0)
     storage_path: str = setting("outputs/ray_results", doc="local folder or URI (s3://, gs://); shared on clusters")
     run_name: str = setting("", doc="Ray Train run name; empty: derived from the settings, so reruns resume")

@@ -106,6 +106,12 @@ def make_optimizer(model: BoneAgeNet, cfg: Config, steps_per_epoch: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas), active
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (for timing; never inside the step loop)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def to_unit(image: torch.Tensor) -> torch.Tensor:
     """uint8 pixels -> float in [0, 1]."""
     return image.float().div_(255.0)

@@ -3,7 +3,7 @@
 Each worker streams its shard of the prepared Parquet (``get_dataset_shard`` + ``iter_torch_batches`` with
 prefetching), decodes nothing (images are raw uint8), augments on its device with Kornia, and trains a DDP-wrapped
 :class:`~boneage.model.BoneAgeNet` with AdamW, warm-up + cosine learning rate, L1 loss on the standardised
-target and gradient clipping; bf16 autocast and channels_last on GPUs. Nothing in the step loop waits on the device:
+target and gradient clipping; channels_last, and bf16 autocast on GPUs. Nothing in the step loop waits on the device:
 losses and errors accumulate as device tensors, summed across workers once per epoch.
 
 Every epoch reports train loss, val MAE / RMSE in months, images/s per worker and the learning rate, with a
@@ -32,10 +32,11 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from boneage.artifacts import atomic_directory, sha256_json
+from boneage.augment import write_preview
 from boneage.bundle import register, write_bundle
 from boneage.config import Config, config_from_dict, to_dict
 from boneage.dataset import images_from_column, read_split
-from boneage.engine import TrainStep, evaluate
+from boneage.engine import TrainStep, evaluate, synchronize
 from boneage.model import NUM_BLOCKS, BoneAgeNet, build_model
 from boneage.prepare import read_manifest
 
@@ -46,7 +47,8 @@ MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 # Settings that change how a run executes but not what it learns: left out of the derived run name.
 _RUN_NAME_EXCLUDES = {"num_workers", "cpus_per_worker", "use_gpu", "storage_path", "run_name", "max_failures",
-                      "keep_checkpoints", "prefetch_batches", "threads_per_worker"}
+                      "keep_checkpoints", "prefetch_batches", "threads_per_worker", "cache_dataset",
+                      "placement_strategy"}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -115,6 +117,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 drop_last=True, local_shuffle_buffer_size=tc.shuffle_buffer or None,
                 local_shuffle_seed=tc.seed + epoch, pin_memory=device.type == "cuda"):
             step(batch)
+        synchronize(device)  # once per epoch, for an honest images/s
         train_seconds = time.perf_counter() - started
         val = evaluate(model, val_shard.iter_torch_batches(batch_size=2 * tc.batch_size, collate_fn=collate),
                        mean, std, device)
@@ -206,7 +209,9 @@ def run_training(cfg: Config) -> TrainOutcome:
     loop_config = {"config": to_dict(cfg), "image_size": manifest["image_size"],
                    "target_mean": train_stats["boneage_mean"], "target_std": train_stats["boneage_std"],
                    "train_rows": manifest["splits"]["counts"]["train"], "local_checkpoint": None}
-    datasets = {"train": read_split(cfg.data.out, "train"), "val": read_split(cfg.data.out, "val")}
+    datasets = {split: read_split(cfg.data.out, split) for split in ("train", "val")}
+    if cfg.train.cache_dataset:  # read Parquet once; each epoch then streams from the object store
+        datasets = {split: dataset.materialize() for split, dataset in datasets.items()}
     baseline = mean_baseline_mae(datasets["val"], train_stats["boneage_mean"])
     name = cfg.train.run_name or run_name(cfg, manifest)
     storage = storage_path(cfg.train.storage_path)
@@ -215,22 +220,36 @@ def run_training(cfg: Config) -> TrainOutcome:
             raise ValueError("train.num_workers=0 (local mode) keeps its checkpoint in a local folder; set "
                              "train.storage_path to a local path")
         loop_config["local_checkpoint"] = str(Path(storage) / name / "local-checkpoint")
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_config, datasets=datasets,
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=_use_gpu(cfg),
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker},
-                                     placement_strategy=cfg.train.placement_strategy),
-        run_config=RunConfig(
-            name=name, storage_path=storage,
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            logging_config=LoggingConfig(log_level="WARNING"),  # the epoch lines say what matters
-            # Ray Train reroutes print() through its loggers, which printed each epoch line twice.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
-                                               checkpoint_score_attribute=METRIC, checkpoint_score_order="min")))
     log.info("training run %s: %d train / %d val images at %d px; predict-the-mean val MAE %.2f months", name,
              loop_config["train_rows"], manifest["splits"]["counts"]["val"], manifest["image_size"], baseline)
-    result = trainer.fit()
+    result = make_trainer(cfg, loop_config, datasets, name, storage).fit()
+    best, metrics = best_checkpoint(result, name)
+    bundle = export_bundle(best, cfg, loop_config, metrics, baseline, manifest, name)
+    return TrainOutcome(bundle=bundle, metrics=metrics, final_metrics=result.metrics, baseline_mae=baseline,
+                        run_path=result.path)
+
+
+def make_trainer(cfg: Config, loop_config: dict[str, Any], datasets: dict[str, ray.data.Dataset], name: str,
+                 storage: str) -> TorchTrainer:
+    """The TorchTrainer for a run: workers and their resources, storage, failures, checkpoints, quiet logs."""
+    tc = cfg.train
+    return TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config, datasets=datasets,
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=_use_gpu(cfg),
+                                     resources_per_worker={"CPU": tc.cpus_per_worker},
+                                     placement_strategy=tc.placement_strategy),
+        run_config=RunConfig(
+            name=name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints, checkpoint_score_attribute=METRIC,
+                                               checkpoint_score_order="min"),
+            logging_config=LoggingConfig(log_level="WARNING"),  # the epoch lines say what matters
+            # Ray Train reroutes print() through its loggers, which printed each epoch line twice.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}))
+
+
+def best_checkpoint(result: ray.train.Result, name: str) -> tuple[Checkpoint, dict[str, Any]]:
+    """The best checkpoint by val MAE and its metrics; :class:`NonFiniteLoss` if the run stopped on NaN/inf."""
     # Local mode keeps no ranking of checkpoints: its last one stands in for the best.
     best = result.get_best_checkpoint(METRIC, "min") if result.best_checkpoints else result.checkpoint
     if (result.return_value or {}).get("stopped") == "nonfinite_loss":
@@ -239,9 +258,7 @@ def run_training(cfg: Config) -> TrainOutcome:
                             f"{best.path if best else 'none (it failed in the first epoch)'}. Lower train.lr or "
                             "check the data.")
     metrics = next((m for c, m in result.best_checkpoints or [] if c.path == best.path), result.metrics)
-    bundle = export_bundle(best, cfg, loop_config, metrics, baseline, manifest, name)
-    return TrainOutcome(bundle=bundle, metrics=metrics, final_metrics=result.metrics, baseline_mae=baseline,
-                        run_path=result.path)
+    return best, metrics
 
 
 def export_bundle(checkpoint: Checkpoint, cfg: Config, loop_config: dict[str, Any], metrics: dict[str, Any],
@@ -261,6 +278,14 @@ def export_bundle(checkpoint: Checkpoint, cfg: Config, loop_config: dict[str, An
         state = torch.load(Path(folder) / MODEL_FILE, map_location="cpu", weights_only=True)
         write_bundle(Path(staging), state, meta)
         return register(Path(staging), cfg.registry.root, cfg.registry.name)
+
+
+def preview_augmentations(cfg: Config) -> Path:
+    """Write the augmentation preview grid for the first ``augment.preview_images`` training images."""
+    image_size = read_manifest(cfg.data.out)["image_size"]
+    rows = read_split(cfg.data.out, "train").take_batch(cfg.augment.preview_images, batch_format="numpy")
+    images = BoneAgeCollate(image_size)(rows)["image"]
+    return write_preview(images, cfg.augment, cfg.augment.preview_path, seed=cfg.train.seed)
 
 
 def mean_baseline_mae(val: ray.data.Dataset, train_mean: float) -> float:

@@ -68,3 +68,17 @@ def test_shift_moves_content_by_up_to_the_fraction():
     columns = [(o[0].sum(0) > 0.5).nonzero().float().mean().item() for o in out]
     assert max(abs(c - 15.5) for c in columns) <= 0.25 * 32 + 1
     assert len({round(c) for c in columns}) > 3  # it does move
+
+
+def test_preview_grid_shows_originals_above_augmented_rows(tmp_path):
+    from PIL import Image
+
+    from boneage.augment import write_preview
+
+    images = (batch(5, 32) * 255).to(torch.uint8)
+    cfg = load_config(overrides=["augment.horizontal_flip=true"]).augment
+    path = write_preview(images, cfg, tmp_path / "grid.png", variants=3)
+    grid = torch.from_numpy(__import__("numpy").asarray(Image.open(path).convert("L")))
+    assert grid.shape == (2 + 4 * 34, 2 + 5 * 34)  # 4 rows (original + 3 variants) of 5 images, 2 px borders
+    first = grid[2:34, 2:34]
+    assert torch.equal(first, images[0, 0])  # the top row is the untouched image

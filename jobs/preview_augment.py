@@ -1,0 +1,20 @@
+"""Write a PNG grid of augmented training images, to check the augmentation settings by eye.
+
+    python jobs/preview_augment.py --config configs/demo.yaml [--out preview.png] [--set augment.zoom_range=0.2]
+
+The first row shows training images from the prepared dataset (data.out) as they are; each row below, one random
+augmentation of each.
+"""
+
+from boneage.cli import parse_job_args
+from boneage.train import preview_augmentations
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_job_args(argv, description=__doc__, default_config="configs/train.yaml", areas=["data", "augment"],
+                         aliases={"--out": "augment.preview_path"})
+    print(f"preview: {preview_augmentations(cfg)}")
+
+
+if __name__ == "__main__":
+    main()
