@@ -124,7 +124,8 @@ def collect_rows(data: DataConfig) -> Rows:
 
 
 def decode_images(table: pd.DataFrame, data: DataConfig) -> ray.data.Dataset:
-    """A Ray Dataset of the rows with an ``image`` tensor column and a ``reject_reason`` ('' when decoded)."""
+    """A Ray Dataset of the rows with an ``image`` column (raw pixels, see :mod:`boneage.dataset`) and a
+    ``reject_reason`` ('' when decoded)."""
     # At least MIN_DECODE_TASKS tasks so every CPU works; at most decode_batch_size images per task.
     rows_per_task = max(1, min(data.decode_batch_size, math.ceil(len(table) / MIN_DECODE_TASKS)))
     chunks = [table.iloc[i:i + rows_per_task] for i in range(0, len(table), rows_per_task)]

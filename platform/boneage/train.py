@@ -184,18 +184,22 @@ def format_epoch(metrics: dict[str, Any], epochs: int) -> str:
             f"{metrics['images_per_s_per_worker']:.0f} img/s/worker  {metrics['epoch_seconds']:.0f} s")
 
 
+def _distributed() -> bool:
+    """Whether workers share a process group (not in local mode or with one worker)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _count_nodes() -> int:
     """How many distinct nodes the workers run on."""
-    node = ray.get_runtime_context().get_node_id()
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not _distributed():
         return 1
     nodes: list[str | None] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(nodes, node)
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     return len(set(nodes))
 
 
 def _sum_over_workers(values: torch.Tensor) -> list[float]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _distributed():
         torch.distributed.all_reduce(values)
     return values.tolist()  # the epoch's one host sync
 

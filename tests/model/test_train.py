@@ -27,14 +27,19 @@ def checkpoints(run_folder: Path) -> list[Path]:
     return sorted(p for p in run_folder.glob("checkpoint_*") if p.is_dir()) if run_folder.is_dir() else []
 
 
-def wait_for_checkpoint(run_folder: Path, timeout: float = 300) -> None:
-    """Until Ray Train has registered a checkpoint (its manager's snapshot lists it), not just begun writing it."""
+def wait_until(ready, what: str, timeout: float = 300) -> None:
     deadline = time.time() + timeout
-    snapshot = run_folder / "checkpoint_manager_snapshot.json"
-    while not (checkpoints(run_folder) and snapshot.is_file() and "checkpoint_" in snapshot.read_text()):
+    while not ready():
         if time.time() > deadline:
-            raise TimeoutError(f"no checkpoint in {run_folder}")
+            raise TimeoutError(f"gave up waiting for {what}")
         time.sleep(0.2)
+
+
+def wait_for_checkpoint(run_folder: Path) -> None:
+    """Until Ray Train has registered a checkpoint (its manager's snapshot lists it), not just begun writing it."""
+    snapshot = run_folder / "checkpoint_manager_snapshot.json"
+    wait_until(lambda: checkpoints(run_folder) and snapshot.is_file() and "checkpoint_" in snapshot.read_text(),
+               f"a checkpoint in {run_folder}")
 
 
 def test_local_mode_trains_and_exports_a_loadable_bundle(prepared_dir, tmp_path):
@@ -109,12 +114,8 @@ def test_resubmitting_a_killed_job_resumes_it(prepared_dir, tmp_path, ray_sessio
     assert second.stdout.strip().splitlines()[-1].startswith("bundle: ")
 
 
-def next_run_folder(runs: Path, timeout: float = 300) -> Path:
-    deadline = time.time() + timeout
-    while not (runs.is_dir() and any(runs.iterdir())):
-        if time.time() > deadline:
-            raise TimeoutError(f"no run folder under {runs}")
-        time.sleep(0.2)
+def next_run_folder(runs: Path) -> Path:
+    wait_until(lambda: runs.is_dir() and any(runs.iterdir()), f"a run folder under {runs}")
     return next(runs.iterdir())
 
 
