@@ -3,7 +3,7 @@
     python jobs/make_phantoms.py --out DIR --n 2000 --seed 0 --size 256
 """
 
-from boneage.cli import parse_job_args
+from boneage.cli import parse_job_args, run_job
 from boneage.phantoms.generate import generate_phantoms
 
 ALIASES = {"--out": "phantoms.out", "--n": "phantoms.n", "--seed": "phantoms.seed", "--size": "phantoms.size"}
@@ -15,4 +15,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

@@ -3,7 +3,7 @@
     python jobs/prepare.py --config configs/data.yaml --set data.image_size=256
 """
 
-from boneage.cli import parse_job_args
+from boneage.cli import parse_job_args, run_job
 from boneage.prepare import prepare_dataset
 
 
@@ -13,4 +13,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

@@ -6,7 +6,7 @@ The first row shows training images from the prepared dataset (data.out) as they
 augmentation of each.
 """
 
-from boneage.cli import parse_job_args
+from boneage.cli import parse_job_args, run_job
 from boneage.train import preview_augmentations
 
 
@@ -17,4 +17,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

@@ -6,7 +6,7 @@
 The last line names the registered model bundle: `bundle: <path>`.
 """
 
-from boneage.cli import parse_job_args
+from boneage.cli import parse_job_args, run_job
 from boneage.train import run_training
 
 AREAS = ["data", "model", "augment", "train", "registry"]
@@ -23,4 +23,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

@@ -16,7 +16,10 @@ def ray_session():
     import ray
     from ray.data import DataContext
 
-    ray.init(num_cpus=4, object_store_memory=400 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    refuse_other_ray_clusters()
+
+    # The dashboard serves the State API, which Ray Train uses to clean up after stopped trials.
+    ray.init(num_cpus=4, object_store_memory=400 * 1024 * 1024, include_dashboard=True, log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -50,3 +53,14 @@ def prepared_dir(phantom_dir, ray_session, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("prepared") / "phantoms-32"
     return prepare_dataset(data_config(phantom_dir / "boneage-training-dataset.csv", phantom_dir, out))
+
+
+def refuse_other_ray_clusters() -> None:
+    """Stop the run when another Ray cluster runs on this machine (e.g. the demo's): Ray Train finds its cleanup
+    helpers' cluster by auto-discovery, which fails when there are two, and stopped trials then keep their CPUs."""
+    import psutil
+
+    running = [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "gcs_server"]
+    if running:
+        pytest.exit(f"another Ray cluster is running on this machine (gcs_server pid {running[0]}); stop it with "
+                    "`ray stop` (or `make demo`'s instructions) before running the tests", returncode=2)

@@ -34,3 +34,21 @@ def train_config(prepared: Path, work: Path, *extra: str) -> Config:
         "train.batch_size=8", "train.epochs=1", "train.num_workers=1", "train.threads_per_worker=1",
         "train.shuffle_buffer=16", f"train.storage_path={work / 'runs'}", f"registry.root={work / 'registry'}",
         *extra])
+
+
+def make_bundle(folder: Path, seed: int = 0, val_mae: float = 9.5, data: str = "manifest-a", size: int = 64,
+                name: str = "m"):
+    """A randomly initialised model written as a bundle (serving and the registry need weights, not training);
+    returns the folder and the model."""
+    import torch
+
+    from boneage.bundle import write_bundle
+    from boneage.config import to_dict
+    from boneage.model import build_model
+
+    torch.manual_seed(seed)
+    cfg = load_config(overrides=["model.head=[16]", "model.dropout=0", "model.sex_embedding=4"]).model
+    model = build_model(cfg, size).eval()
+    meta = {"name": name, "model": to_dict(cfg), "image_size": size, "target": {"mean": 120.0, "std": 40.0},
+            "metrics": {"val_mae": val_mae}, "data": {"manifest_fingerprint": data}}
+    return write_bundle(folder, model.state_dict(), meta), model

@@ -5,16 +5,21 @@ A bundle folder holds ``model.pt`` (a state dict, loaded with ``torch.load(weigh
 validation metrics, the prepared data's manifest hash, the code version, the creation time and the SHA-256 of
 ``model.pt``, which :func:`load_bundle` checks before loading. Loading needs only this library, not Ray.
 
-The registry keeps bundles as ``<root>/<name>/<version>/`` (1, 2, 3, ...). A reference is a bundle folder, or
-``<name>:<version>``, or ``<name>:latest`` resolved in the registry.
+The registry keeps bundles as ``<root>/<name>/<version>/`` (1, 2, 3, ...) and a ``best`` alias
+(``<root>/<name>/best.json``): the version with the lowest validation MAE, moved only by a bundle that beats it on
+the same validation split. A reference is a bundle folder, or ``<name>:<version>``, ``<name>:latest`` or
+``<name>:best`` resolved in the registry.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,14 +29,16 @@ import torch
 
 from boneage.artifacts import code_version, sha256_file, write_json
 from boneage.config import ModelConfig, parse_section
+from boneage.errors import JobError
 from boneage.model import BoneAgeNet
 
 BUNDLE_FORMAT = 1
 WEIGHTS = "model.pt"
 META = "bundle.json"
+BEST = "best.json"
 
 
-class BundleError(ValueError):
+class BundleError(JobError, ValueError):
     """A bundle that is missing, incomplete, or whose weights do not match their recorded checksum."""
 
 
@@ -83,6 +90,52 @@ def load_bundle(path: str | Path) -> LoadedBundle:
     return LoadedBundle(model=model.eval(), meta=meta, path=folder)
 
 
+@dataclass
+class Promotion:
+    """Whether a bundle became the ``best`` alias, and why (a sentence for the job log)."""
+
+    promoted: bool
+    message: str
+
+
+def promote_if_better(version: Path, root: str | Path, name: str) -> Promotion:
+    """Point ``<name>:best`` at a registered version if its val MAE beats the current best's on the same
+    validation split (same prepared-data manifest). Atomic, and serialised against other promoters."""
+    meta = read_meta(version)
+    mae, data = meta["metrics"]["val_mae"], meta["data"]["manifest_fingerprint"]
+    with _locked(Path(root) / name):
+        current = read_best(root, name)
+        if current is None:
+            reason = "there was no best yet"
+        elif current["manifest_fingerprint"] != data:
+            return Promotion(False, f"{name}:best (version {current['version']}) was validated on other data "
+                                    f"(manifest {current['manifest_fingerprint'][:12]}, this bundle's "
+                                    f"{data[:12]}): not comparable, so best stays where it is")
+        elif mae >= current["val_mae"]:
+            return Promotion(False, f"version {version.name} (val MAE {mae:.2f}) does not beat {name}:best, "
+                                    f"version {current['version']} (val MAE {current['val_mae']:.2f}): best stays")
+        else:
+            reason = f"it beats version {current['version']} (val MAE {current['val_mae']:.2f})"
+        write_json(Path(root) / name / BEST, {"version": int(version.name), "val_mae": mae,
+                                              "manifest_fingerprint": data,
+                                              "promoted": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    return Promotion(True, f"promoted version {version.name} (val MAE {mae:.2f}) to {name}:best: {reason}")
+
+
+def read_best(root: str | Path, name: str) -> dict[str, Any] | None:
+    """The ``best`` alias record of ``name`` (version, val MAE, data manifest), or None."""
+    path = Path(root) / name / BEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def register(bundle: Path, root: str | Path, name: str) -> Path:
     """Copy a bundle folder into the registry as the next version of ``name``; return the version folder.
 
@@ -115,18 +168,24 @@ def versions(root: str | Path, name: str) -> list[int]:
 
 
 def resolve(reference: str, root: str | Path) -> Path:
-    """A bundle folder from a path or a registry reference ``<name>:<version>`` / ``<name>:latest``."""
+    """A bundle folder from a path or a registry reference ``<name>:<version>``, ``<name>:latest``, ``<name>:best``."""
     if Path(reference).is_dir():
         return Path(reference)
     name, sep, version = reference.rpartition(":")
     if not sep or not name:
         raise BundleError(f"{reference!r} is neither a bundle folder nor a registry reference like "
-                          f"'<name>:<version>' or '<name>:latest'")
+                          f"'<name>:<version>', '<name>:latest' or '<name>:best'")
     known = versions(root, name)
     if not known:
         raise BundleError(f"no model named {name!r} in the registry at {root}")
     if version == "latest":
         return Path(root) / name / str(known[-1])
+    if version == "best":
+        best = read_best(root, name)
+        if best is None:
+            raise BundleError(f"{name} has no best version yet: a training run or sweep promotes one")
+        return Path(root) / name / str(best["version"])
     if not version.isdigit() or int(version) not in known:
-        raise BundleError(f"{name} has no version {version!r}; registered: {', '.join(map(str, known))}, latest")
+        raise BundleError(f"{name} has no version {version!r}; registered: {', '.join(map(str, known))}, latest, "
+                      "best")
     return Path(root) / name / version

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from boneage.config import Config, ConfigError, describe, load_config
+from boneage.errors import JobError
 
 
 def parse_job_args(argv: Sequence[str] | None, *, description: str, default_config: str | None,
@@ -55,3 +56,12 @@ def _log_to_stdout() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
+
+
+def run_job(main: Callable[[], None]) -> None:
+    """Run a job's main; a :class:`JobError` (bad input, data or settings) ends it with one line and exit code 1."""
+    try:
+        main()
+    except JobError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -17,8 +17,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from boneage.errors import JobError
 
-class ConfigError(ValueError):
+
+class ConfigError(JobError, ValueError):
     """A configuration key or value that cannot be used; the message names the key and what is allowed."""
 
 
@@ -66,6 +68,9 @@ class PhantomConfig:
     size: int = setting(256, low=64, high=2048, doc="image height in pixels (width is 0.8x)")
     label_noise_sd: float = setting(6.0, low=0.0, high=60.0, doc="rater-like label noise, months")
     workers: int = setting(0, low=0, high=256, doc="processes; 0 means one per CPU")
+    dicom_examples: int = setting(0, low=0, high=1_000_000, doc="also write the first N phantoms as DICOM files")
+    dicom_out: str = setting("outputs/phantom-dicom", doc="where the DICOM copies go (outside out: the loader "
+                                                          "would see two files per id)")
 
 
 @dataclass
@@ -142,21 +147,47 @@ class RegistryConfig:
 
 @dataclass
 class TuneConfig:
-    """Ray Tune sweeps."""
+    """Ray Tune sweeps over the training job (``jobs/tune.py``)."""
 
-    num_samples: int = setting(8, low=1, high=100_000)
-    max_epochs: int = setting(10, low=1, high=10_000)
-    metric: str = setting("val_mae")
+    search_space: dict = setting(factory=dict, doc="{area.key: {choice: [...]} | {uniform|loguniform: [lo, hi]}}")
+    num_samples: int = setting(8, low=1, high=100_000, doc="trials drawn from the search space")
+    max_epochs: int = setting(6, low=1, high=10_000, doc="epochs of a trial that ASHA never stops")
+    grace_period: int = setting(1, low=1, high=10_000, doc="epochs every trial runs before ASHA may stop it")
+    reduction_factor: int = setting(2, low=2, high=100, doc="ASHA keeps the best 1/factor at each rung")
+    metric: str = setting("val_mae", doc="the reported metric to minimise")
+    seed: int = setting(0, low=0, doc="seed of the trial sampler: the same seed draws the same trials")
+    sweep_name: str = setting("", doc="empty: derived from the settings, so rerunning resumes the sweep")
+    data_cpus: float = setting(1.0, low=0.0, high=1024.0, doc="CPUs left free for Ray Data while trials run")
+    scheduler: Literal["asha", "fifo"] = setting("asha", doc="asha stops weak trials early; fifo runs all to the end")
 
 
 @dataclass
 class ServeConfig:
-    """Ray Serve HTTP service."""
+    """The bone-age service: the ``args`` of the application in ``configs/serve.yaml``. Replicas, autoscaling, queue
+    limits, host and port are Serve's own settings in the same file."""
 
-    host: str = setting("127.0.0.1", doc="bind address; 127.0.0.1 keeps the service local")
-    port: int = setting(8000, low=1, high=65535)
-    model_uri: str = setting("best", doc="bundle folder or registry reference")
-    max_upload_mb: float = setting(32.0, low=0.01, high=4096.0)
+    model_uri: str = setting("boneage-vgg16:best", doc="bundle folder or registry reference (<name>:best|latest|N)")
+    registry_root: str = setting("outputs/registry", doc="registry folder for references")
+    max_upload_mb: float = setting(32.0, low=0.01, high=4096.0, doc="larger request bodies answer 413")
+    max_image_megapixels: float = setting(64.0, low=0.01, high=1000.0, doc="decompression-bomb guard")
+    max_batch_size: int = setting(8, low=1, high=1024, doc="most images per batched prediction")
+    batch_wait_timeout_s: float = setting(0.01, low=0.0, high=10.0, doc="how long a batch waits to fill")
+    overlay_size: int = setting(384, low=32, high=4096, doc="side of the Grad-CAM overlay PNG, pixels")
+    heatmap_cells: int = setting(16, low=1, high=256, doc="the raw heat map in JSON: cells per side")
+    torch_threads: int = setting(0, low=0, high=1024, doc="torch threads per replica (0: its CPUs)")
+
+
+@dataclass
+class QueryConfig:
+    """``jobs/query.py``: ask a running service about one radiograph."""
+
+    url: str = setting("http://127.0.0.1:8000", doc="the service's address")
+    file: str = setting("", doc="the radiograph (PNG, JPEG or DICOM)")
+    sex: str = setting("", doc="M or F (may be empty for a DICOM file with PatientSex)")
+    chronological_age_months: Optional[float] = setting(None, low=0.0, high=240.0, doc="for the G&P SDS")
+    overlay_out: str = setting("", doc="also ask for the Grad-CAM overlay and write it to this PNG path")
+    timeout_s: float = setting(60.0, low=0.1, high=3600.0, doc="per request")
+    wait_s: float = setting(0.0, low=0.0, high=3600.0, doc="first wait this long for /healthz (a starting service)")
 
 
 @dataclass
@@ -171,6 +202,7 @@ class Config:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -192,6 +224,14 @@ def parse_section(cls: type, raw: dict[str, Any], area: str) -> Any:
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """A whole :class:`Config` from plain data, e.g. :func:`to_dict`'s output shipped to a Ray worker."""
     return _build(Config, raw, prefix="")
+
+
+def with_overrides(cfg: Config, values: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with ``{"area.key": value}`` set, validated like ``--set``."""
+    raw = to_dict(cfg)
+    for key, value in values.items():
+        _set_nested(raw, key.split("."), value)
+    return config_from_dict(raw)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -288,6 +328,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(key, value, inner)
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return value  # its entries are checked by the area that reads them
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list of {_type_name(args[0])}, e.g. [512, 128]; got {value!r}")
@@ -341,4 +385,6 @@ def _type_name(hint: Any) -> str:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
     if origin is list:
         return f"list of {_type_name(args[0])}"
+    if hint is dict or origin is dict:
+        return "a mapping"
     return {bool: "true/false", int: "an integer", float: "a number", str: "text"}.get(hint, str(hint))

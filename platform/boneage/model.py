@@ -21,13 +21,14 @@ import torchvision
 from torch import nn
 
 from boneage.config import ModelConfig
+from boneage.errors import JobError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NUM_BLOCKS = 5  # VGG16's conv blocks, each ending in a max-pool
 
 
-class WeightsNotFound(FileNotFoundError):
+class WeightsNotFound(JobError, FileNotFoundError):
     """Pretrained weights were asked for but are not on this machine."""
 
 

@@ -37,6 +37,7 @@ from ray.data.datasource import WriteResult
 from boneage.artifacts import atomic_directory, code_version, sha256_file, sha256_json, write_json
 from boneage.config import Config, DataConfig, save_config, to_dict
 from boneage.dataset import image_column, quiet_context
+from boneage.errors import JobError
 from boneage.imaging import PREPROCESSING, REJECT_UNDECODABLE, ImageRejected, load_radiograph
 from boneage.rsna import (REJECT_COLUMNS, REJECT_DUPLICATE_ID, LabelsError, LabelTable, read_labels,
                           unlabeled_image_rejects)
@@ -54,7 +55,7 @@ MIN_DECODE_TASKS = 8
 _NOT_FINGERPRINTED = ("out", "decode_batch_size", "max_reject_fraction")
 
 
-class TooManyRejects(RuntimeError):
+class TooManyRejects(JobError, RuntimeError):
     """More rows were rejected than ``data.max_reject_fraction`` allows."""
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from boneage.errors import JobError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 MAX_BONEAGE_MONTHS = 240.0
 
@@ -68,7 +70,7 @@ FORMATS = (
 )
 
 
-class LabelsError(ValueError):
+class LabelsError(JobError, ValueError):
     """A labels file that cannot be read at all (missing, empty, unknown header)."""
 
 

@@ -33,16 +33,20 @@ from ray.train.torch import TorchTrainer
 
 from boneage.artifacts import atomic_directory, sha256_json
 from boneage.augment import write_preview
-from boneage.bundle import register, write_bundle
+from boneage.bundle import promote_if_better, register, write_bundle
 from boneage.config import Config, config_from_dict, to_dict
 from boneage.dataset import images_from_column, read_split
 from boneage.engine import TrainStep, evaluate, synchronize
+from boneage.errors import JobError
 from boneage.model import NUM_BLOCKS, BoneAgeNet, build_model
 from boneage.prepare import read_manifest
 
 log = logging.getLogger(__name__)
 
 METRIC = "val_mae"
+# What every epoch reports (the metrics a sweep can optimise).
+REPORTED_METRICS = ("val_mae", "val_rmse", "train_loss", "epoch", "images_per_s_per_worker", "lr", "epoch_seconds",
+                    "resumed_at_epoch", "val_rows")
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 # Settings that change how a run executes but not what it learns: left out of the derived run name.
@@ -51,7 +55,7 @@ _RUN_NAME_EXCLUDES = {"num_workers", "cpus_per_worker", "use_gpu", "storage_path
                       "placement_strategy"}
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(JobError, RuntimeError):
     """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
 
 
@@ -206,36 +210,59 @@ def _sum_over_workers(values: torch.Tensor) -> list[float]:
 
 # ---------------------------------------------------------------- the driver side
 
-def run_training(cfg: Config) -> TrainOutcome:
-    """Train on ``cfg.data.out`` with Ray Train and register the best checkpoint as a model bundle."""
+@dataclass
+class RunPlan:
+    """What every run on a prepared dataset shares: its manifest, the Ray Datasets, the baseline to beat."""
+
+    manifest: dict[str, Any]
+    datasets: dict[str, ray.data.Dataset]
+    baseline_mae: float  # val MAE of always answering the training mean
+
+    def loop_config(self, cfg: Config) -> dict[str, Any]:
+        """The per-worker function's config for a run with settings ``cfg``."""
+        train_stats = self.manifest["label_statistics"]["train"]
+        return {"config": to_dict(cfg), "image_size": self.manifest["image_size"],
+                "target_mean": train_stats["boneage_mean"], "target_std": train_stats["boneage_std"],
+                "train_rows": self.manifest["splits"]["counts"]["train"], "local_checkpoint": None}
+
+
+def plan_run(cfg: Config) -> RunPlan:
+    """Read the prepared dataset's manifest and splits (cached in the object store when asked)."""
     manifest = read_manifest(cfg.data.out)
-    train_stats = manifest["label_statistics"]["train"]
-    loop_config = {"config": to_dict(cfg), "image_size": manifest["image_size"],
-                   "target_mean": train_stats["boneage_mean"], "target_std": train_stats["boneage_std"],
-                   "train_rows": manifest["splits"]["counts"]["train"], "local_checkpoint": None}
     datasets = {split: read_split(cfg.data.out, split) for split in ("train", "val")}
     if cfg.train.cache_dataset:  # read Parquet once; each epoch then streams from the object store
         datasets = {split: dataset.materialize() for split, dataset in datasets.items()}
-    baseline = mean_baseline_mae(datasets["val"], train_stats["boneage_mean"])
-    name = cfg.train.run_name or run_name(cfg, manifest)
+    baseline = mean_baseline_mae(datasets["val"], manifest["label_statistics"]["train"]["boneage_mean"])
+    return RunPlan(manifest=manifest, datasets=datasets, baseline_mae=baseline)
+
+
+def run_training(cfg: Config) -> TrainOutcome:
+    """Train on ``cfg.data.out`` with Ray Train, register the best checkpoint as a model bundle, and promote it
+    to the registry's ``best`` alias if it beats the current best on the same validation split."""
+    plan = plan_run(cfg)
+    loop_config = plan.loop_config(cfg)
+    name = cfg.train.run_name or run_name(cfg, plan.manifest)
     storage = storage_path(cfg.train.storage_path)
     if cfg.train.num_workers == 0:  # local mode: debugging in this process; it keeps only its last checkpoint
         if "://" in storage:
             raise ValueError("train.num_workers=0 (local mode) keeps its checkpoint in a local folder; set "
                              "train.storage_path to a local path")
         loop_config["local_checkpoint"] = str(Path(storage) / name / "local-checkpoint")
+    counts = plan.manifest["splits"]["counts"]
     log.info("training run %s: %d train / %d val images at %d px; predict-the-mean val MAE %.2f months", name,
-             loop_config["train_rows"], manifest["splits"]["counts"]["val"], manifest["image_size"], baseline)
-    result = make_trainer(cfg, loop_config, datasets, name, storage).fit()
+             counts["train"], counts["val"], loop_config["image_size"], plan.baseline_mae)
+    result = make_trainer(cfg, loop_config, plan.datasets, name, storage).fit()
     best, metrics = best_checkpoint(result, name)
-    bundle = export_bundle(best, cfg, loop_config, metrics, baseline, manifest, name)
-    return TrainOutcome(bundle=bundle, metrics=metrics, final_metrics=result.metrics, baseline_mae=baseline,
-                        run_path=result.path)
+    bundle = export_bundle(best, cfg, plan, metrics, name)
+    log.info("%s", promote_if_better(bundle, cfg.registry.root, cfg.registry.name).message)
+    return TrainOutcome(bundle=bundle, metrics=metrics, final_metrics=result.metrics,
+                        baseline_mae=plan.baseline_mae, run_path=result.path)
 
 
 def make_trainer(cfg: Config, loop_config: dict[str, Any], datasets: dict[str, ray.data.Dataset], name: str,
-                 storage: str) -> TorchTrainer:
-    """The TorchTrainer for a run: workers and their resources, storage, failures, checkpoints, quiet logs."""
+                 storage: str, callbacks: list | None = None) -> TorchTrainer:
+    """The TorchTrainer for a run: workers and their resources, storage, failures, checkpoints, quiet logs.
+    ``callbacks`` are Ray Train callbacks, e.g. Tune's report callback when a sweep runs the trainer."""
     tc = cfg.train
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config, datasets=datasets,
@@ -248,6 +275,7 @@ def make_trainer(cfg: Config, loop_config: dict[str, Any], datasets: dict[str, r
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints, checkpoint_score_attribute=METRIC,
                                                checkpoint_score_order="min"),
             logging_config=LoggingConfig(log_level="WARNING"),  # the epoch lines say what matters
+            callbacks=callbacks,
             # Ray Train reroutes print() through its loggers, which printed each epoch line twice.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}))
 
@@ -265,17 +293,18 @@ def best_checkpoint(result: ray.train.Result, name: str) -> tuple[Checkpoint, di
     return best, metrics
 
 
-def export_bundle(checkpoint: Checkpoint, cfg: Config, loop_config: dict[str, Any], metrics: dict[str, Any],
-                  baseline: float, manifest: dict[str, Any], name: str) -> Path:
+def export_bundle(checkpoint: Checkpoint, cfg: Config, plan: RunPlan, metrics: dict[str, Any], name: str) -> Path:
     """Write the checkpoint as a model bundle and register it as the next version in the registry."""
+    loop_config = plan.loop_config(cfg)
     meta = {
         "name": cfg.registry.name, "run": name, "checkpoint": checkpoint.path,
         "model": to_dict(cfg.model), "image_size": loop_config["image_size"],
-        "preprocessing": manifest["preprocessing"],
+        "preprocessing": plan.manifest["preprocessing"],
         "target": {"mean": loop_config["target_mean"], "std": loop_config["target_std"]},
         "metrics": {**{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                    "val_mae_mean_baseline": baseline},
-        "data": {"prepared": str(Path(cfg.data.out).resolve()), "manifest_fingerprint": manifest["fingerprint"]},
+                    "val_mae_mean_baseline": plan.baseline_mae},
+        "data": {"prepared": str(Path(cfg.data.out).resolve()),
+                 "manifest_fingerprint": plan.manifest["fingerprint"]},
         "train": to_dict(cfg.train), "augment": to_dict(cfg.augment),
     }
     with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as staging:

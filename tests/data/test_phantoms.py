@@ -110,3 +110,25 @@ def test_make_phantoms_command_line_and_reuse(tmp_path):
     second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "up to date" in second.stdout
     assert (tmp_path / "p" / "phantoms.json").stat().st_mtime_ns == stamp
+
+
+def test_dicom_copies_carry_sex_and_age_and_read_back_as_the_png(phantom_dir, tmp_path):
+    import pydicom
+
+    from boneage.imaging import load_radiograph
+
+    cfg = load_config(overrides=[f"phantoms.out={phantom_dir}", "phantoms.n=60", "phantoms.size=64",
+                                 "phantoms.dicom_examples=2", f"phantoms.dicom_out={tmp_path / 'dicom'}"])
+    generate_phantoms(cfg)  # the set is up to date: only the DICOM copies are written
+    labels = pd.read_csv(phantom_dir / "boneage-training-dataset.csv", dtype={"id": str}).set_index("id")
+    examples = sorted((tmp_path / "dicom").glob("*.dcm"))
+    assert [p.stem for p in examples] == list(labels.index[:2])
+    for path in examples:
+        ds = pydicom.dcmread(path)
+        row = labels.loc[path.stem]
+        assert ds.PatientSex == ("M" if row["male"] else "F") and ds.PhotometricInterpretation == "MONOCHROME1"
+        assert ds.PatientAge == f"{int(row['boneage']) // 12:03d}Y"
+        png = next(phantom_dir.rglob(f"{path.stem}.png"))
+        from_dicom, from_png = load_radiograph(path, 64), load_radiograph(png, 64)
+        # min-max windowing may stretch the contrast, but it is the same picture
+        assert np.corrcoef(from_dicom.ravel(), from_png.ravel())[0, 1] > 0.99

@@ -7,21 +7,10 @@ import sys
 import pytest
 import torch
 
-from boneage.bundle import BundleError, load_bundle, register, resolve, versions, write_bundle
-from boneage.config import load_config, to_dict
-from boneage.model import build_model
-from helpers import ROOT
+from boneage.bundle import BundleError, load_bundle, promote_if_better, read_best, register, resolve, versions
+from helpers import ROOT, make_bundle
 
 SIZE = 64
-
-
-def make_bundle(folder, seed=0):
-    torch.manual_seed(seed)
-    cfg = load_config(overrides=["model.head=[16]", "model.dropout=0"]).model
-    model = build_model(cfg, SIZE).eval()
-    meta = {"name": "m", "model": to_dict(cfg), "image_size": SIZE, "target": {"mean": 120.0, "std": 40.0},
-            "metrics": {"val_mae": 9.5}}
-    return write_bundle(folder, model.state_dict(), meta), model
 
 
 def test_round_trip_gives_the_same_predictions(tmp_path):
@@ -64,7 +53,7 @@ def test_registry_numbers_versions_and_resolves_references(tmp_path):
     assert resolve("m:1", root) == root / "m" / "1"
     assert resolve(str(second), root) == second
     assert not list((root / "m").glob(".incoming-*"))  # no staging leftovers
-    with pytest.raises(BundleError, match="no version '7'; registered: 1, 2, latest"):
+    with pytest.raises(BundleError, match="no version '7'; registered: 1, 2, latest, best"):
         resolve("m:7", root)
     with pytest.raises(BundleError, match="no model named 'x'"):
         resolve("x:latest", root)
@@ -77,3 +66,23 @@ def test_loading_a_bundle_does_not_need_ray(tmp_path):
     code = ("import sys; from boneage.bundle import load_bundle; load_bundle(sys.argv[1]); "
             "assert 'ray' not in sys.modules, 'ray was imported'")
     subprocess.run([sys.executable, "-c", code, str(folder)], cwd=ROOT, check=True, timeout=120)
+
+
+def test_best_moves_only_to_a_better_bundle_on_the_same_validation_split(tmp_path):
+    root = tmp_path / "registry"
+    v1 = register(make_bundle(tmp_path / "a", seed=1, val_mae=12.0)[0], root, "m")
+    v2 = register(make_bundle(tmp_path / "b", seed=2, val_mae=15.0)[0], root, "m")
+    v3 = register(make_bundle(tmp_path / "c", seed=3, val_mae=9.0)[0], root, "m")
+    v4 = register(make_bundle(tmp_path / "d", seed=4, val_mae=1.0, data="manifest-b")[0], root, "m")
+    with pytest.raises(BundleError, match="no best version yet"):
+        resolve("m:best", root)
+    first = promote_if_better(v1, root, "m")
+    assert first.promoted and "no best yet" in first.message
+    worse = promote_if_better(v2, root, "m")
+    assert not worse.promoted and "does not beat" in worse.message
+    assert resolve("m:best", root) == v1
+    better = promote_if_better(v3, root, "m")
+    assert better.promoted and resolve("m:best", root) == v3
+    other_data = promote_if_better(v4, root, "m")
+    assert not other_data.promoted and "not comparable" in other_data.message
+    assert read_best(root, "m")["version"] == 3 and read_best(root, "m")["val_mae"] == 9.0

@@ -30,6 +30,7 @@ from PIL import Image
 from boneage.artifacts import atomic_directory, code_version, write_json
 from boneage.config import Config, PhantomConfig, save_config
 from boneage.phantoms.anatomy import build_hand
+from boneage.phantoms.dicom import write_phantom_dicom
 from boneage.phantoms.film import ASPECT, expose, sample_pose, structure_box
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,15 @@ def generate_phantoms(cfg: Config) -> Path:
     out = Path(p.out)
     if _is_current(out, p):
         log.info("up to date: %s (same generator and settings; reusing it)", out)
-        return out
+    else:
+        _render_set(cfg, out)
+    if p.dicom_examples:
+        write_dicom_examples(out, Path(p.dicom_out), p.dicom_examples)
+    return out
+
+
+def _render_set(cfg: Config, out: Path) -> None:
+    p = cfg.phantoms
     workers = p.workers or os.cpu_count() or 1
     log.info("rendering %d phantoms at %d px with %d processes", p.n, p.size, workers)
     with atomic_directory(out) as tmp:
@@ -108,7 +117,6 @@ def generate_phantoms(cfg: Config) -> Path:
         save_config(cfg, tmp / "config.yaml")
         write_json(tmp / SUMMARY, _summary(truth, p))
     log.info("wrote %s (best possible MAE %.2f months)", out, _best_mae(truth))
-    return out
 
 
 def _render_chunk(start: int, stop: int, p: PhantomConfig, image_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -121,6 +129,17 @@ def _render_chunk(start: int, stop: int, p: PhantomConfig, image_dir: str) -> tu
         boxes += [(ph.id, *box) for box in ph.boxes]
     return (pd.DataFrame(truth, columns=["id", "maturity_months", "boneage", "male"]),
             pd.DataFrame(boxes, columns=["id", "structure", "x0", "y0", "x1", "y1"]))
+
+
+def write_dicom_examples(phantoms: Path, out: Path, count: int) -> Path:
+    """The first ``count`` phantoms of a set again as DICOM files in ``out``, for trying the service with DICOM."""
+    labels = pd.read_csv(phantoms / LABELS_CSV, dtype={"id": str}).head(count)
+    with atomic_directory(out) as tmp:
+        for row in labels.itertuples():
+            image = np.asarray(Image.open(phantoms / IMAGE_DIR / f"{row.id}.png"))
+            write_phantom_dicom(tmp / f"{row.id}.dcm", image, bool(row.male), int(row.boneage))
+    log.info("wrote %d DICOM copies to %s", len(labels), out)
+    return out
 
 
 def _settings(p: PhantomConfig) -> dict:

@@ -59,16 +59,11 @@ def write_jpeg(path: Path) -> Path:
 def write_dicom(path: Path, photometric: str = "MONOCHROME2", slope: float = 1.0, intercept: float = 0.0,
                 rows: int | None = None, columns: int | None = None) -> Path:
     """An uncompressed 12-bit DICOM radiograph; ``rows``/``columns`` can claim a size the data doesn't have."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import SecondaryCaptureImageStorage
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    from boneage.phantoms.dicom import new_dicom
+
+    ds = new_dicom(SecondaryCaptureImageStorage)
     ds.PatientSex = "F"
     ds.set_pixel_data(gradient(high=4095).astype(np.uint16), photometric_interpretation=photometric,
                       bits_stored=12)

@@ -1,0 +1,76 @@
+"""Benchmark the compute ASHA saves: the same sweep with early stopping and with every trial run to the end.
+
+    python bench/asha_savings.py [--trials 8] [--max-epochs 4]
+
+Both sweeps draw the same trials (same sampler seed) on the same phantoms; one schedules them with ASHA
+(grace period 1, reduction factor 2), the other runs each to --max-epochs. Reported: trial-epochs spent by each,
+their ratio, and whether both pick the same best configuration. Target: at least 2x fewer trial-epochs for the
+same best configuration. Results: bench/results/asha_savings.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import ray
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
+
+from boneage.config import load_config  # noqa: E402
+from boneage.phantoms.generate import generate_phantoms  # noqa: E402
+from boneage.prepare import prepare_dataset  # noqa: E402
+from boneage.tune import run_sweep  # noqa: E402
+
+SPACE = ("{model.head: {choice: [[64], [256], [512, 128]]}, train.lr: {loguniform: [1.0e-4, 3.0e-3]}, "
+         "model.dropout: {uniform: [0.0, 0.5]}}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--max-epochs", type=int, default=4)
+    parser.add_argument("--phantoms", type=int, default=600)
+    args = parser.parse_args()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        base = [f"phantoms.out={work / 'phantoms'}", f"phantoms.n={args.phantoms}", "phantoms.size=128",
+                f"data.labels={work / 'phantoms' / 'boneage-training-dataset.csv'}",
+                f"data.images={work / 'phantoms'}", f"data.out={work / 'prepared'}", "data.image_size=32",
+                "train.batch_size=16", "train.threads_per_worker=1", f"train.storage_path={work / 'runs'}",
+                f"registry.root={work / 'registry'}", f"tune.search_space={SPACE}",
+                f"tune.num_samples={args.trials}", f"tune.max_epochs={args.max_epochs}", "tune.grace_period=1",
+                "tune.reduction_factor=2", "tune.seed=0"]
+        cfg = load_config("configs/demo.yaml", base)
+        generate_phantoms(cfg)
+        prepare_dataset(cfg)
+        tables = {}
+        for scheduler in ("asha", "fifo"):
+            sweep = load_config("configs/demo.yaml", [*base, f"tune.scheduler={scheduler}",
+                                                      f"tune.sweep_name=bench-{scheduler}"])
+            tables[scheduler] = run_sweep(sweep).table
+    ray.shutdown()
+    keys = ["model.head", "train.lr", "model.dropout"]
+    epochs = {name: int(table["epochs"].sum()) for name, table in tables.items()}
+    best = {name: {k: table.iloc[0][k] for k in keys} for name, table in tables.items()}
+    same_configs = sorted(map(str, tables["asha"][keys].values.tolist())) == sorted(
+        map(str, tables["fifo"][keys].values.tolist()))
+    same_best = str(best["asha"]) == str(best["fifo"])
+    ratio = epochs["fifo"] / epochs["asha"]
+    print(f"trial-epochs: ASHA {epochs['asha']}, all to the end {epochs['fifo']}: {ratio:.2f}x fewer; "
+          f"same trials: {same_configs}; same best configuration: {same_best}")
+    write_result("asha_savings", {
+        "trials": args.trials, "max_epochs": args.max_epochs, "trial_epochs": epochs,
+        "savings_ratio": ratio, "same_trials_drawn": same_configs, "same_best_configuration": same_best,
+        "best": {k: {kk: str(vv) for kk, vv in v.items()} for k, v in best.items()},
+        "best_val_mae": {name: float(table.iloc[0]["best_val_mae"]) for name, table in tables.items()},
+        "target_savings_ratio": 2.0,
+    })
+
+
+if __name__ == "__main__":
+    main()

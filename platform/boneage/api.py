@@ -1,0 +1,339 @@
+"""The versioned HTTP API (FastAPI): routes, input checks, answers and errors, whatever runs the model.
+
+``create_api(backend, settings)`` builds the app. The Ray Serve deployment (:mod:`boneage.service`) is one backend,
+batching predictions across requests; :class:`DirectBackend` runs the same model code in-process (the plain
+uvicorn server the latency benchmark compares against).
+
+Every bad input answers a 4xx JSON body ``{"error": <code>, "detail": <sentence>}`` and the service keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import time
+import uuid
+from importlib import resources
+from typing import Any, Protocol
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image, UnidentifiedImageError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from boneage.config import ServeConfig
+from boneage.imaging import ImageRejected, is_dicom
+from boneage.inference import BoneAgePredictor, Explanation, Radiograph, heatmap_grid
+from boneage.standards import MAX_AGE_MONTHS, assess, years_and_months
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "v1"
+ROUTES = (f"/{API_VERSION}/predict", f"/{API_VERSION}/explain", f"/{API_VERSION}/model", "/healthz", "/", "/docs",
+          "/openapi.json")  # metric labels: anything else is "other", so scanners cannot blow up the label set
+ACCEPTED_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG; DICOM is checked by its preamble
+
+
+class Metrics(Protocol):
+    """What the API reports; the Serve backend exports it through Ray's metrics."""
+
+    def request(self, route: str, status: int, seconds: float) -> None: ...
+    def rejection(self, reason: str) -> None: ...
+    def prediction(self, seconds: float) -> None: ...
+    def gradcam(self, seconds: float) -> None: ...
+
+
+class Backend(Protocol):
+    """Runs the model for the API."""
+
+    predictor: BoneAgePredictor
+    metrics: Metrics
+
+    async def predict(self, canvas: np.ndarray, male: bool) -> float: ...
+    def runtime(self) -> dict[str, Any]: ...
+
+
+class NoMetrics:
+    """Metrics that go nowhere (the plain server)."""
+
+    def request(self, route: str, status: int, seconds: float) -> None: ...
+    def rejection(self, reason: str) -> None: ...
+    def prediction(self, seconds: float) -> None: ...
+    def gradcam(self, seconds: float) -> None: ...
+
+
+class DirectBackend:
+    """One request, one forward pass, in a worker thread of this process: no batching, no Ray."""
+
+    def __init__(self, predictor: BoneAgePredictor):
+        self.predictor = predictor
+        self.metrics = NoMetrics()
+
+    async def predict(self, canvas: np.ndarray, male: bool) -> float:
+        months = await asyncio.to_thread(self.predictor.predict, canvas[None], np.array([male]))
+        return float(months[0])
+
+    def runtime(self) -> dict[str, Any]:
+        return {"backend": "direct"}
+
+
+class ApiError(Exception):
+    """An answer other than 200: HTTP status, error code and a sentence for the user."""
+
+    def __init__(self, status: int, code: str, detail: str):
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+def create_api(backend: Backend, settings: ServeConfig) -> FastAPI:
+    """The FastAPI app: ``/v1/predict``, ``/v1/explain``, ``/v1/model``, ``/healthz``, ``/`` and ``/docs``."""
+    app = FastAPI(title="Bone age", version=API_VERSION,
+                  description="Pediatric bone age from a left-hand radiograph, with Grad-CAM heat maps. "
+                              "Research use only: not a medical device.")
+    limit = int(settings.max_upload_mb * 1024 * 1024)
+    app.add_middleware(BodyLimit, limit=limit)
+    app.add_middleware(RequestMetrics, metrics=backend.metrics)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    form = _form_parameters()
+
+    @app.post(f"/{API_VERSION}/predict", summary="Bone age of one radiograph")
+    async def predict(request: Request, file: UploadFile | None = form["file"], sex: str | None = form["sex"],
+                      chronological_age_months: str | None = form["age"]) -> dict[str, Any]:
+        query = await _read_query(request, backend, file, sex, chronological_age_months, limit)
+        started = time.perf_counter()
+        months = await backend.predict(query.radiograph.canvas, query.sex == "M")
+        backend.metrics.prediction(time.perf_counter() - started)
+        return _answer(months, query, backend)
+
+    @app.post(f"/{API_VERSION}/explain", summary="Bone age with its Grad-CAM heat map",
+              responses={200: {"content": {"image/png": {}}, "description": "JSON, or the overlay PNG itself "
+                                                                             "with Accept: image/png"}})
+    async def explain(request: Request, file: UploadFile | None = form["file"], sex: str | None = form["sex"],
+                      chronological_age_months: str | None = form["age"]) -> Response:
+        query = await _read_query(request, backend, file, sex, chronological_age_months, limit)
+        started = time.perf_counter()
+        result: Explanation = await asyncio.to_thread(backend.predictor.explain, query.radiograph, query.sex == "M")
+        backend.metrics.gradcam(time.perf_counter() - started)
+        answer = _answer(result.bone_age_months, query, backend)
+        if "image/png" in request.headers.get("accept", ""):
+            return Response(result.overlay_png, media_type="image/png",
+                            headers={"X-Bone-Age-Months": f"{answer['bone_age_months']}",
+                                     "X-Request-ID": answer["request_id"]})
+        return JSONResponse({**answer, "overlay_png_base64": base64.b64encode(result.overlay_png).decode(),
+                             "heatmap": heatmap_grid(result.heatmap, settings.heatmap_cells)})
+
+    @app.get(f"/{API_VERSION}/model", summary="The served model: bundle metadata, metrics and serving settings")
+    async def model() -> dict[str, Any]:
+        meta = backend.predictor.bundle.meta
+        return {"model": _model_id(backend), "image_size": meta["image_size"], "architecture": meta["model"],
+                "metrics": meta.get("metrics", {}), "data": meta.get("data", {}), "created": meta.get("created"),
+                "weights_sha256": meta.get("weights_sha256"), "code_version": meta.get("code_version"),
+                "serving": backend.runtime()}
+
+    @app.get("/healthz", summary="200 once the model is loaded")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "model": _model_id(backend)["version"]}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(resources.files("boneage").joinpath("resources/index.html").read_text())
+
+    return app
+
+
+def _form_parameters() -> dict[str, Any]:
+    # Optional at the schema level: missing fields get this API's own error body instead of FastAPI's.
+    return {"file": File(None, description="the radiograph: PNG, JPEG or DICOM"),
+            "sex": Form(None, description="M or F; may be omitted only for a DICOM file with PatientSex"),
+            "age": Form(None, description=f"chronological age in months (0-{MAX_AGE_MONTHS:g}), for the SDS")}
+
+
+class Query:
+    """A checked request: the decoded image, the sex used (and where it came from), the chronological age."""
+
+    def __init__(self, radiograph: Radiograph, sex: str, sex_source: str, age: float | None):
+        self.radiograph, self.sex, self.sex_source, self.age = radiograph, sex, sex_source, age
+        self.request_id = uuid.uuid4().hex
+
+
+async def _read_query(request: Request, backend: Backend, file: UploadFile | None, sex: str | None,
+                      age: str | None, limit: int) -> Query:
+    try:
+        return await _checked_query(request, backend, file, sex, age, limit)
+    except ApiError as err:
+        backend.metrics.rejection(err.code)
+        raise
+
+
+async def _checked_query(request: Request, backend: Backend, file: UploadFile | None, sex: str | None,
+                         age: str | None, limit: int) -> Query:
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type", "send multipart/form-data with a 'file' field (the "
+                                                      "radiograph) and a 'sex' field (M or F)")
+    if file is None:
+        raise ApiError(422, "missing_file", "the form has no 'file' field: attach the radiograph as 'file'")
+    data = await file.read()
+    if len(data) > limit:
+        raise ApiError(413, "upload_too_large", f"the file is {len(data) / 2**20:.1f} MB; the limit is "
+                                                f"{limit / 2**20:g} MB")
+    if not data:
+        raise ApiError(400, "empty_file", "the uploaded file is empty")
+    _check_format(data)
+    chronological = _parse_age(age)
+    try:
+        radiograph = await asyncio.to_thread(backend.predictor.decode, data)
+    except ImageRejected as err:
+        raise ApiError(413 if err.code == "decompression_bomb" else 422, err.code,
+                       err.reason.removeprefix(f"{err.code}: ")) from None
+    chosen, source = _resolve_sex(sex, radiograph.dicom_sex)
+    return Query(radiograph, chosen, source, chronological)
+
+
+def _check_format(data: bytes) -> None:
+    if data.startswith(ACCEPTED_MAGIC) or is_dicom(data):
+        return
+    try:
+        found = Image.open(io.BytesIO(data)).format
+    except (UnidentifiedImageError, OSError):
+        found = None
+    if found:
+        raise ApiError(415, "unsupported_image_format", f"{found} images are not supported: send PNG, JPEG or "
+                                                        "DICOM")
+    raise ApiError(422, "not_an_image", "the file is not a PNG, JPEG or DICOM image")
+
+
+def _parse_age(text: str | None) -> float | None:
+    if text is None or not text.strip():
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ApiError(422, "invalid_chronological_age", f"chronological_age_months={text!r} is not a number "
+                                                         "of months") from None
+    if not 0 <= value <= MAX_AGE_MONTHS:
+        raise ApiError(422, "invalid_chronological_age", f"chronological_age_months={value:g} is out of range: "
+                                                         f"0 to {MAX_AGE_MONTHS:g} months")
+    return value
+
+
+def _resolve_sex(form_sex: str | None, dicom_sex: str | None) -> tuple[str, str]:
+    """Sex from the form or the DICOM header; a missing, invalid or contradictory one is an error, never a guess."""
+    if form_sex is None or not form_sex.strip():
+        if dicom_sex is None:
+            raise ApiError(422, "missing_sex", "give 'sex' as M or F (bone age norms differ by sex; it is never "
+                                               "guessed)")
+        return dicom_sex, "dicom"
+    sex = form_sex.strip().upper()
+    if sex not in ("M", "F"):
+        raise ApiError(422, "invalid_sex", f"sex={form_sex!r} must be M or F")
+    if dicom_sex is not None and dicom_sex != sex:
+        raise ApiError(422, "sex_conflict", f"sex={sex} contradicts the DICOM header's PatientSex={dicom_sex}")
+    return sex, "form"
+
+
+def _answer(months: float, query: Query, backend: Backend) -> dict[str, Any]:
+    answer: dict[str, Any] = {"bone_age_months": round(months, 1), "bone_age": years_and_months(months),
+                              "sex": query.sex, "sex_source": query.sex_source}
+    if query.age is not None:
+        assessment = assess(months, query.sex, query.age)
+        answer.update(chronological_age_months=query.age, sds=assessment.sds,
+                      determination=assessment.determination,
+                      reference={"standard": "Greulich & Pyle (Brush Foundation)",
+                                 "mean_months": assessment.reference_mean_months,
+                                 "sd_months": assessment.reference_sd_months})
+    return {**answer, "model": _model_id(backend), "request_id": query.request_id}
+
+
+def _model_id(backend: Backend) -> dict[str, Any]:
+    bundle = backend.predictor.bundle
+    return {"name": bundle.meta.get("name", bundle.path.parent.name), "version": bundle.path.name}
+
+
+async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+    return JSONResponse({"error": err.code, "detail": err.detail}, status_code=err.status)
+
+
+async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+    return JSONResponse({"error": "invalid_request", "detail": problems}, status_code=422)
+
+
+async def _unexpected_error(request: Request, err: Exception) -> JSONResponse:
+    log.exception("unexpected error answering %s", request.url.path)
+    return JSONResponse({"error": "internal_error", "detail": f"the service failed: {type(err).__name__}; the "
+                                                               "error is in its log"}, status_code=500)
+
+
+class BodyLimit:
+    """Answer 413 before reading a body whose Content-Length is over the limit; stop one that grows past it."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await _send_json(send, 413, "upload_too_large", f"the request body is "
+                                    f"{int(declared) / 2**20:.1f} MB; the limit is {self.limit / 2**20:g} MB")
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise ApiError(413, "upload_too_large", f"the request body passed the {self.limit / 2**20:g} MB "
+                                                        "limit")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class RequestMetrics:
+    """Count every request by route and status, with its latency."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def recorded(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recorded)
+        finally:
+            path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+            self.metrics.request(path if path in ROUTES else "other", status, time.perf_counter() - started)
+
+
+async def _send_json(send: Send, status: int, code: str, detail: str) -> None:
+    body = JSONResponse({"error": code, "detail": detail}).body
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def direct_server(settings: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> uvicorn.Server:
+    """The API with the model in this process, on one uvicorn server (no Ray, no batching): the benchmark's
+    baseline and a quick local check. ``server.run()`` serves until ``server.should_exit`` is set."""
+    predictor = BoneAgePredictor.from_uri(settings.model_uri, settings.registry_root,
+                                          overlay_size=settings.overlay_size,
+                                          max_megapixels=settings.max_image_megapixels)
+    app = create_api(DirectBackend(predictor), settings)
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))

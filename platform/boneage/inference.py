@@ -1,0 +1,135 @@
+"""Inference on a model bundle: batched bone-age prediction and Grad-CAM heat maps, without Ray.
+
+The Serve deployment, the plain FastAPI server of the latency benchmark and offline scripts share this code.
+
+Grad-CAM (pytorch-grad-cam) works by hooks on a layer. Hooks on the model that serves predictions would record
+every batch that passes, so explanations run on a private copy of the model, one at a time under a lock: two
+concurrent requests can never mix their activations or gradients, and predictions never see a hook.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+from PIL import Image
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from torch import nn
+
+from boneage.bundle import LoadedBundle, load_bundle, resolve
+from boneage.imaging import decode_grayscale, fit_to_square, is_dicom
+from boneage.model import BoneAgeNet
+
+
+@dataclass
+class Radiograph:
+    """An uploaded radiograph, decoded: the model's canvas and a larger one for showing the heat map on."""
+
+    canvas: np.ndarray  # (S, S) uint8, S = the bundle's image size, as in training
+    display: np.ndarray  # (D, D) uint8, the same framing at the overlay size
+    dicom_sex: str | None  # PatientSex from a DICOM header (M/F), else None
+
+
+@dataclass
+class Explanation:
+    """A prediction with its Grad-CAM heat map."""
+
+    bone_age_months: float
+    heatmap: np.ndarray  # (S, S) float32 in [0, 1]: where evidence for an older bone age lies
+    overlay_png: bytes  # the display canvas with the heat map blended over it
+
+
+class _SexConditioned(nn.Module):
+    """Grad-CAM calls ``model(images)``; this carries the sex input beside it, as a (B, 1) output."""
+
+    def __init__(self, net: BoneAgeNet):
+        super().__init__()
+        self.net = net
+        self.male = torch.zeros(1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net(image, self.male).unsqueeze(1)  # (B, 1): the standardised bone age
+
+
+class BoneAgeTarget:
+    """Grad-CAM target for regression: the predicted bone age itself, so the map shows what raises it."""
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        return output[0]
+
+
+class BoneAgePredictor:
+    """A loaded bundle ready to answer: ``predict`` for batches, ``explain`` for one image with Grad-CAM."""
+
+    def __init__(self, bundle: LoadedBundle, overlay_size: int = 384, max_megapixels: float = 64.0):
+        self.bundle = bundle
+        self.image_size = int(bundle.meta["image_size"])
+        self.overlay_size = overlay_size
+        self.max_megapixels = max_megapixels
+        self.model = bundle.model.eval()
+        explain_net = copy.deepcopy(bundle.model).eval()
+        self._explainer = _SexConditioned(explain_net)
+        # The last ReLU of the backbone: the finest map that still sees the whole hand (S/16 per side).
+        last_relu = [layer for layer in explain_net.features if isinstance(layer, nn.ReLU)][-1]
+        self._cam = GradCAM(model=self._explainer, target_layers=[last_relu])
+        self._cam_lock = threading.Lock()
+
+    @classmethod
+    def from_uri(cls, model_uri: str, registry_root: str | Path, **options) -> BoneAgePredictor:
+        """Resolve a bundle folder or registry reference (``name:best``), verify its checksum and load it."""
+        return cls(load_bundle(resolve(model_uri, registry_root)), **options)
+
+    def decode(self, data: bytes) -> Radiograph:
+        """File bytes (PNG, JPEG or DICOM) -> both canvases; raises ``ImageRejected`` with a reason code."""
+        gray = decode_grayscale(data, self.max_megapixels, draft_size=max(self.image_size, self.overlay_size))
+        return Radiograph(fit_to_square(gray, self.image_size), fit_to_square(gray, self.overlay_size),
+                          dicom_patient_sex(data) if is_dicom(data) else None)
+
+    @torch.inference_mode()
+    def predict(self, canvases: np.ndarray, male: np.ndarray) -> np.ndarray:
+        """``canvases`` (B, S, S) uint8 and ``male`` (B,) bool -> bone ages (B,) in months."""
+        images = torch.from_numpy(canvases).unsqueeze(1).float().div_(255.0)  # (B, 1, S, S) in [0, 1]
+        standardised = self.model(images, torch.from_numpy(male.astype(np.float32)))  # (B,)
+        return self.bundle.to_months(standardised).numpy().astype(np.float64)
+
+    def explain(self, radiograph: Radiograph, male: bool) -> Explanation:
+        """The bone age and its Grad-CAM heat map, blended over the display canvas as a PNG."""
+        image = torch.from_numpy(radiograph.canvas)[None, None].float() / 255.0  # (1, 1, S, S)
+        with self._cam_lock:  # one explanation at a time: the hooks and the sex input are per call
+            self._explainer.male = torch.tensor([float(male)])
+            heatmap = self._cam(input_tensor=image, targets=[BoneAgeTarget()])[0]  # (S, S) in [0, 1]
+            standardised = self._cam.outputs[0, 0].detach()  # the forward pass Grad-CAM just ran
+        months = float(self.bundle.to_months(standardised))
+        return Explanation(months, heatmap.astype(np.float32), self._overlay(radiograph.display, heatmap))
+
+    def _overlay(self, display: np.ndarray, heatmap: np.ndarray) -> bytes:
+        size = display.shape[0]
+        big = np.asarray(Image.fromarray(heatmap.astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR))
+        rgb = np.repeat(display[..., None], 3, axis=2).astype(np.float32) / 255.0  # (D, D, 3)
+        blended = show_cam_on_image(rgb, np.clip(big, 0.0, 1.0), use_rgb=True, image_weight=0.6)  # (D, D, 3) uint8
+        buffer = io.BytesIO()
+        Image.fromarray(blended).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
+def heatmap_grid(heatmap: np.ndarray, cells: int) -> list[list[float]]:
+    """The heat map averaged down to ``cells`` x ``cells`` (row-major, top row first), 3 decimals."""
+    small = Image.fromarray(heatmap.astype(np.float32)).resize((cells, cells), Image.Resampling.BOX)
+    return np.round(np.asarray(small, dtype=np.float64), 3).tolist()
+
+
+def dicom_patient_sex(data: bytes) -> str | None:
+    """PatientSex (0010,0040) of a DICOM file as ``M``/``F``; None when absent or anything else (e.g. ``O``)."""
+    try:
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["PatientSex"])
+    except Exception:  # an unreadable header: decoding the pixels reports the problem
+        return None
+    value = str(header.get("PatientSex", "")).strip().upper()
+    return value if value in ("M", "F") else None

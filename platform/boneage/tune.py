@@ -1,0 +1,240 @@
+"""Hyperparameter sweeps with Ray Tune over the training job, early stopping with ASHA, and promotion of the best.
+
+The Train V2 pattern: every Tune trial is a small driver that builds and fits the same ``TorchTrainer`` as
+``jobs/train.py`` (:func:`boneage.train.make_trainer`), its Train run named after the trial, and Tune hears the
+epoch metrics through ``TuneReportCallback``. There is no second training loop.
+
+The search space is YAML under ``tune.search_space``, keyed by config key (see :data:`SEARCHABLE`)::
+
+    train.lr: {loguniform: [1.0e-4, 3.0e-3]}
+    model.head: {choice: [[256], [512, 128], [1024, 256]]}
+
+Everything is checked before any trial starts: the space, the metric, and that one trial fits the cluster. The
+sweep name is derived from its settings, so rerunning the same command after an interruption resumes the sweep
+and does not rerun finished trials.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from boneage.artifacts import atomic_file, sha256_json
+from boneage.bundle import promote_if_better
+from boneage.config import Config, ConfigError, config_from_dict, to_dict, with_overrides
+from boneage.errors import JobError
+from boneage.train import REPORTED_METRICS, RunPlan, export_bundle, make_trainer, plan_run, storage_path
+
+log = logging.getLogger(__name__)
+
+SEARCHABLE = ("model.arch", "model.weights", "model.pooling", "model.head", "model.dropout", "model.sex_embedding",
+              "train.lr", "train.weight_decay", "train.backbone_lr_scale", "train.freeze_epochs",
+              "train.unfreeze_blocks", "train.batch_size", "train.warmup_epochs", "augment.rotation_range",
+              "augment.width_shift_range", "augment.height_shift_range", "augment.zoom_range",
+              "augment.horizontal_flip")
+DISTRIBUTIONS = {"choice": tune.choice, "uniform": tune.uniform, "loguniform": tune.loguniform,
+                 "randint": tune.randint}
+
+
+TRIAL_DRIVER_MEMORY = 64 << 20  # bytes: what a trial asks for itself (its Train run asks for the CPUs)
+# A trial's driver sits in a blocking call to its Train run and never sees Tune's polite stop. Tune's default is to
+# wait 600 s before killing it, while the Train run goes on training and holding its CPUs. Kill it after a few
+# seconds instead: the Train controller it owns dies with it and Ray Train releases the workers' resources.
+STOPPED_TRIAL_GRACE_S = "5"
+
+
+class SweepError(JobError, ValueError):
+    """A sweep that cannot start; the message says what to change."""
+
+
+@dataclass
+class SweepOutcome:
+    """What a finished sweep produced."""
+
+    leaderboard: Path  # the CSV; the Markdown table sits beside it
+    table: pd.DataFrame
+    bundle: Path | None  # the best trial's best checkpoint as a registered bundle (None if every trial failed)
+    promoted: bool
+    promotion: str  # why best moved or stayed
+
+
+def parse_search_space(space: dict[str, Any], base: Config) -> dict[str, Any]:
+    """The YAML search space as Tune distributions, after checking every key, distribution and value."""
+    if not space:
+        raise SweepError("tune.search_space is empty: give at least one setting to search, e.g. "
+                         "tune.search_space={train.lr: {loguniform: [1.0e-4, 3.0e-3]}}; searchable: "
+                         + ", ".join(SEARCHABLE))
+    return {key: _parse_distribution(key, spec, base) for key, spec in space.items()}
+
+
+def _parse_distribution(key: str, spec: Any, base: Config) -> Any:
+    if key not in SEARCHABLE:
+        raise SweepError(f"tune.search_space: {key!r} cannot be searched; searchable: {', '.join(SEARCHABLE)}")
+    if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
+        raise SweepError(f"tune.search_space.{key} must be one of {{choice: [...]}}, {{uniform: [low, high]}}, "
+                         f"{{loguniform: [low, high]}}, {{randint: [low, high]}}; got {spec!r}")
+    kind, values = next(iter(spec.items()))
+    if not isinstance(values, list) or not values:
+        raise SweepError(f"tune.search_space.{key}.{kind} needs a non-empty list, got {values!r}")
+    if kind == "choice":
+        candidates = values
+    else:
+        try:
+            low, high = (float(v) for v in values)
+        except (TypeError, ValueError):
+            raise SweepError(f"tune.search_space.{key}.{kind} needs [low, high] numbers, got {values!r}") from None
+        if not low < high or (kind == "loguniform" and low <= 0):
+            raise SweepError(f"tune.search_space.{key}.{kind}: need low < high{' and low > 0' * (kind == 'loguniform')}"
+                             f", got {values!r}")
+        candidates = [int(low), int(high) - 1] if kind == "randint" else [low, high]
+        values = candidates if kind == "randint" else [low, high]
+    for value in candidates:  # every value must be one the config system accepts
+        try:
+            with_overrides(base, {key: value})
+        except ConfigError as err:
+            raise SweepError(f"tune.search_space.{key}: {err}") from None
+    return DISTRIBUTIONS[kind](values) if kind == "choice" else DISTRIBUTIONS[kind](*values)
+
+
+def check_metric(metric: str) -> None:
+    if metric not in REPORTED_METRICS:
+        raise SweepError(f"tune.metric={metric!r} is never reported by training; it reports: "
+                         + ", ".join(REPORTED_METRICS))
+
+
+def trial_concurrency(cfg: Config, cluster: dict[str, float]) -> int:
+    """How many trials run at once: as many as the cluster's CPUs and GPUs hold beside ``tune.data_cpus`` for
+    Ray Data; fails when not even one fits."""
+    tc = cfg.train
+    workers = max(1, tc.num_workers)
+    need_cpus = workers * tc.cpus_per_worker
+    free_cpus = cluster.get("CPU", 0.0) - cfg.tune.data_cpus
+    gpus = workers if tc.use_gpu is True or (tc.use_gpu == "auto" and cluster.get("GPU", 0) > 0) else 0
+    if need_cpus > free_cpus or gpus > cluster.get("GPU", 0.0):
+        raise SweepError(
+            f"one trial needs {need_cpus:g} CPUs{f' and {gpus} GPUs' if gpus else ''} (train.num_workers x "
+            f"train.cpus_per_worker) but the cluster has {cluster.get('CPU', 0):g} CPUs and "
+            f"{cluster.get('GPU', 0):g} GPUs, of which tune.data_cpus={cfg.tune.data_cpus:g} CPUs stay free for "
+            "Ray Data: lower train.num_workers or train.cpus_per_worker, or add nodes")
+    by_cpu = math.floor(free_cpus / need_cpus) if need_cpus else cfg.tune.num_samples
+    by_gpu = math.floor(cluster.get("GPU", 0.0) / gpus) if gpus else by_cpu
+    return max(1, min(by_cpu, by_gpu, cfg.tune.num_samples))
+
+
+def sweep_name(cfg: Config, manifest: dict[str, Any]) -> str:
+    """Fixed by the data, the base settings and the sweep settings: rerunning the same sweep resumes it."""
+    return f"sweep-{cfg.registry.name}-" + sha256_json({
+        "data": manifest["fingerprint"], "model": to_dict(cfg.model), "augment": to_dict(cfg.augment),
+        "train": to_dict(cfg.train), "tune": to_dict(cfg.tune)})[:10]
+
+
+def run_trial(params: dict[str, Any], base: dict[str, Any], plan: RunPlan, sweep: str, storage: str) -> None:
+    """One Tune trial: the training job with the trial's settings, its Train run named after the trial."""
+    cfg = with_overrides(config_from_dict(base), {**params, "train.epochs": base["tune"]["max_epochs"]})
+    name = f"{sweep}-{tune.get_context().get_trial_id()}"
+    make_trainer(cfg, plan.loop_config(cfg), plan.datasets, name, storage, callbacks=[TuneReportCallback()]).fit()
+
+
+def run_sweep(cfg: Config) -> SweepOutcome:
+    """Run (or resume) the sweep, write the leaderboard, export the best trial and promote it if it is better."""
+    space = parse_search_space(cfg.tune.search_space, cfg)
+    check_metric(cfg.tune.metric)
+    if not ray.is_initialized():
+        ray.init()
+    concurrency = trial_concurrency(cfg, ray.cluster_resources())
+    plan = plan_run(cfg)
+    name = cfg.tune.sweep_name or sweep_name(cfg, plan.manifest)
+    storage = storage_path(cfg.train.storage_path)
+    # A trial only waits on its Train run, whose workers hold the CPUs. Tune refuses an empty request, so the
+    # trial asks for no CPU and a token of memory.
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=to_dict(cfg), plan=plan, sweep=name, storage=storage),
+        {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
+    path = f"{storage}/{name}"
+    if tune.Tuner.can_restore(path):
+        log.info("resuming sweep %s: finished trials are kept", name)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        log.info("sweep %s: %d trials, up to %d at a time, %d epochs at most, baseline val MAE %.2f", name,
+                 cfg.tune.num_samples, concurrency, cfg.tune.max_epochs, plan.baseline_mae)
+        tuner = tune.Tuner(trainable, param_space=space, tune_config=_tune_config(cfg, concurrency),
+                           run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0))
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", STOPPED_TRIAL_GRACE_S)  # read when the sweep starts
+    results = tuner.fit()
+    table = leaderboard(results, list(space), cfg)
+    board = write_leaderboard(table, Path(path) if "://" not in path else Path(cfg.registry.root) / name)
+    return _export_best(results, table, board, cfg, plan, name)
+
+
+def _tune_config(cfg: Config, concurrency: int) -> tune.TuneConfig:
+    t = cfg.tune
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=t.max_epochs, grace_period=t.grace_period,
+                               reduction_factor=t.reduction_factor) if t.scheduler == "asha" else FIFOScheduler())
+    return tune.TuneConfig(metric=t.metric, mode="min", scheduler=scheduler, num_samples=t.num_samples,
+                           max_concurrent_trials=concurrency, search_alg=BasicVariantGenerator(random_state=t.seed),
+                           trial_dirname_creator=_trial_folder)
+
+
+def _trial_folder(trial) -> str:
+    return f"trial-{trial.trial_id}"
+
+
+def leaderboard(results: tune.ResultGrid, keys: list[str], cfg: Config) -> pd.DataFrame:
+    """One row per trial: its settings, epochs run, best metric, how it ended, wall time; best first."""
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+        epochs = int(history["epoch"].max()) if "epoch" in history else 0
+        best = float(history[cfg.tune.metric].min()) if cfg.tune.metric in history else math.nan
+        if result.error is not None:
+            status = "failed"
+        elif epochs < cfg.tune.max_epochs:
+            status = "stopped early (ASHA)"
+        else:
+            status = "completed"
+        rows.append({"trial": Path(result.path).name.removeprefix("trial-"), **{k: result.config.get(k) for k in keys},
+                     "epochs": epochs, f"best_{cfg.tune.metric}": best, "status": status,
+                     "wall_seconds": float(history["time_total_s"].max()) if "time_total_s" in history else 0.0,
+                     "error": "" if result.error is None else str(result.error).splitlines()[0][:200]})
+    return pd.DataFrame(rows).sort_values(f"best_{cfg.tune.metric}", na_position="last").reset_index(drop=True)
+
+
+def write_leaderboard(table: pd.DataFrame, folder: Path) -> Path:
+    """``leaderboard.csv`` and ``leaderboard.md`` in ``folder``; returns the CSV."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_file(folder / "leaderboard.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_file(folder / "leaderboard.md") as tmp:
+        tmp.write_text(table.drop(columns="error").to_markdown(index=False, floatfmt=".4g") + "\n")
+    return folder / "leaderboard.csv"
+
+
+def _export_best(results: tune.ResultGrid, table: pd.DataFrame, board: Path, cfg: Config, plan: RunPlan,
+                 name: str) -> SweepOutcome:
+    ok = [r for r in results if r.error is None and r.metrics_dataframe is not None
+          and CHECKPOINT_PATH_KEY in r.metrics_dataframe]
+    if not ok:
+        return SweepOutcome(board, table, None, False, "every trial failed: nothing to export; best stays")
+    metric = cfg.tune.metric
+    best_result = min(ok, key=lambda r: r.metrics_dataframe[metric].min())
+    history = best_result.metrics_dataframe.dropna(subset=[CHECKPOINT_PATH_KEY])
+    best_row = history.loc[history[metric].idxmin()]
+    trial_cfg = with_overrides(cfg, {**{k: best_result.config[k] for k in best_result.config},
+                                     "train.epochs": cfg.tune.max_epochs})
+    checkpoint = ray.train.Checkpoint(best_row[CHECKPOINT_PATH_KEY])
+    metrics = {k: best_row[k] for k in REPORTED_METRICS if k in best_row}
+    trial_id = Path(best_result.path).name.removeprefix("trial-")
+    bundle = export_bundle(checkpoint, trial_cfg, plan, metrics, f"{name}-{trial_id}")
+    promotion = promote_if_better(bundle, cfg.registry.root, cfg.registry.name)
+    return SweepOutcome(board, table, bundle, promotion.promoted, promotion.message)

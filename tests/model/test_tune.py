@@ -1,0 +1,177 @@
+"""Ray Tune sweeps: ASHA stops weak trials, the leaderboard, promotion, resume, and bad input caught up front."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+
+from boneage.bundle import read_best, resolve
+from boneage.prepare import read_manifest
+from boneage.tune import SweepError, parse_search_space, run_sweep, sweep_name, trial_concurrency
+from helpers import ROOT, train_config
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+SPACE = "{model.head: {choice: [[8], [16]]}, train.lr: {loguniform: [3.0e-4, 3.0e-3]}}"
+
+
+def sweep_config(prepared: Path, work: Path, *extra: str):
+    return train_config(prepared, work, "train.max_failures=0", f"tune.search_space={SPACE}", "tune.num_samples=4",
+                        "tune.max_epochs=3", "tune.grace_period=1", "tune.reduction_factor=2", *extra)
+
+
+def seed_best(cfg, manifest: dict, val_mae: float) -> None:
+    """Pretend an earlier model (version 99) is best with this val MAE on the same validation split."""
+    folder = Path(cfg.registry.root) / cfg.registry.name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "best.json").write_text(json.dumps({"version": 99, "val_mae": val_mae,
+                                                  "manifest_fingerprint": manifest["fingerprint"]}))
+
+
+@pytest.mark.slow
+def test_sweep_stops_weak_trials_early_writes_a_leaderboard_and_promotes_a_better_model(prepared_dir, tmp_path):
+    cfg = sweep_config(prepared_dir, tmp_path)
+    seed_best(cfg, read_manifest(prepared_dir), val_mae=1e9)  # a weak incumbent
+    outcome = run_sweep(cfg)
+
+    table = outcome.table
+    assert len(table) == 4 and set(table.columns) >= {"trial", "model.head", "train.lr", "epochs", "best_val_mae",
+                                                       "status", "wall_seconds"}
+    assert (table["status"] == "stopped early (ASHA)").sum() >= 1
+    assert (table["status"] == "completed").sum() >= 1
+    assert table["best_val_mae"].is_monotonic_increasing  # best first
+    assert (table.loc[table["status"] == "completed", "epochs"] == 3).all()
+    assert pd.read_csv(outcome.leaderboard).shape[0] == 4
+    assert "| trial" in (outcome.leaderboard.parent / "leaderboard.md").read_text()
+
+    assert cpus_come_back(), "a stopped trial kept its Train run's CPUs"
+
+    assert outcome.promoted and "beats version 99" in outcome.promotion
+    assert resolve(f"{cfg.registry.name}:best", cfg.registry.root) == outcome.bundle
+    meta = json.loads((outcome.bundle / "bundle.json").read_text())
+    assert meta["metrics"]["val_mae"] == pytest.approx(table["best_val_mae"].iloc[0])
+
+
+def cpus_come_back(timeout: float = 60) -> bool:
+    """Whether every CPU of the cluster is free again within ``timeout`` seconds (no Train run left behind)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]:
+            return True
+        time.sleep(1)
+    return False
+
+
+@pytest.mark.slow
+def test_sweep_leaves_a_stronger_best_alone(prepared_dir, tmp_path):
+    cfg = sweep_config(prepared_dir, tmp_path, "tune.num_samples=2", "tune.max_epochs=1")
+    seed_best(cfg, read_manifest(prepared_dir), val_mae=0.5)
+    outcome = run_sweep(cfg)
+    assert not outcome.promoted and "does not beat" in outcome.promotion
+    assert outcome.bundle is not None  # registered, just not promoted
+    assert read_best(cfg.registry.root, cfg.registry.name)["version"] == 99
+
+
+@pytest.mark.slow
+def test_a_crashing_trial_is_marked_failed_and_the_sweep_goes_on(prepared_dir, tmp_path):
+    cfg = sweep_config(prepared_dir, tmp_path, "tune.num_samples=2", "tune.max_epochs=1",
+                       "tune.search_space={model.weights: {choice: [/no/such/vgg16.pth]}}")
+    outcome = run_sweep(cfg)
+    assert list(outcome.table["status"]) == ["failed", "failed"]  # both ran: the first failure did not stop it
+    assert outcome.bundle is None and not outcome.promoted
+    assert read_best(cfg.registry.root, cfg.registry.name) is None
+
+
+@pytest.mark.slow
+def test_rerunning_an_interrupted_sweep_does_not_rerun_finished_trials(prepared_dir, tmp_path, ray_session):
+    cfg = sweep_config(prepared_dir, tmp_path, "tune.data_cpus=3")  # one trial at a time
+    name = sweep_name(cfg, read_manifest(prepared_dir))
+    command = [sys.executable, "jobs/tune.py", "--config", "configs/tune.yaml", "--set", f"data.out={prepared_dir}",
+               "model.head=[16]", "model.dropout=0", "model.sex_embedding=4", "train.batch_size=8",
+               "train.threads_per_worker=1", "train.shuffle_buffer=16", "train.max_failures=0",
+               f"train.storage_path={tmp_path / 'runs'}", f"registry.root={tmp_path / 'registry'}",
+               f"tune.search_space={SPACE}", "tune.num_samples=4", "tune.max_epochs=3", "tune.grace_period=1",
+               "tune.reduction_factor=2", "tune.data_cpus=3", f"tune.sweep_name={name}"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sweep = tmp_path / "runs" / name
+    finished = wait_for_finished_trials(sweep)
+    first.send_signal(signal.SIGKILL)  # the driver dies mid-sweep
+    first.wait()
+    stamps = {t: snapshot_time(tmp_path / "runs", name, t) for t in finished}
+    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "leaderboard: " in second.stdout
+    for trial, stamp in stamps.items():  # finished trials were not trained again
+        assert snapshot_time(tmp_path / "runs", name, trial) == stamp
+    board = pd.read_csv(sweep / "leaderboard.csv")
+    assert len(board) == 4 and set(finished) <= set(board["trial"])
+
+
+def wait_for_finished_trials(sweep: Path, timeout: float = 600) -> list[str]:
+    """Trial ids Tune has recorded as TERMINATED in its experiment state."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for state in sweep.glob("experiment_state-*.json"):
+            try:
+                # each entry is [trial JSON, runtime metadata JSON]
+                trials = [json.loads(t[0]) for t in json.loads(state.read_text())["trial_data"]]
+            except (ValueError, KeyError, TypeError):
+                continue  # being rewritten
+            done = [t["trial_id"] for t in trials if t.get("status") == "TERMINATED"]
+            if done:
+                return done
+        time.sleep(0.5)
+    raise TimeoutError(f"no finished trial in {sweep}")
+
+
+def snapshot_time(runs: Path, sweep: str, trial: str) -> int:
+    return (runs / f"{sweep}-{trial}" / "checkpoint_manager_snapshot.json").stat().st_mtime_ns
+
+
+@pytest.mark.parametrize("space, words", [
+    ("{}", ["tune.search_space is empty", "train.lr"]),
+    ("{train.lrr: {loguniform: [1.0e-4, 1.0e-2]}}", ["'train.lrr' cannot be searched", "train.lr", "model.head"]),
+    ("{train.lr: {gaussian: [0, 1]}}", ["train.lr", "choice", "loguniform"]),
+    ("{train.lr: {loguniform: [0, 1.0e-2]}}", ["train.lr.loguniform", "low > 0"]),
+    ("{train.lr: {uniform: [5, 6]}}", ["train.lr", "out of range"]),
+    ("{model.pooling: {choice: [avg, mean]}}", ["model.pooling", "'mean' is not a valid choice"]),
+    ("{model.head: {choice: []}}", ["non-empty list"]),
+])
+def test_bad_search_spaces_fail_before_any_trial(tmp_path, space, words):
+    cfg = train_config(tmp_path, tmp_path, f"tune.search_space={space}")
+    with pytest.raises(SweepError) as err:
+        parse_search_space(cfg.tune.search_space, cfg)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_a_metric_training_never_reports_fails_before_any_trial(prepared_dir, tmp_path):
+    cfg = sweep_config(prepared_dir, tmp_path, "tune.metric=val_accuracy")
+    with pytest.raises(SweepError, match="tune.metric='val_accuracy' is never reported.*val_mae"):
+        run_sweep(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_too_few_resources_for_one_trial_fail_before_any_trial(prepared_dir, tmp_path):
+    cfg = sweep_config(prepared_dir, tmp_path, "train.num_workers=8")
+    with pytest.raises(SweepError, match="one trial needs 8 CPUs.*lower train.num_workers"):
+        run_sweep(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_concurrency_follows_the_cluster(tmp_path):
+    cfg = train_config(tmp_path, tmp_path, "train.num_workers=2", "tune.num_samples=8", "tune.data_cpus=1")
+    assert trial_concurrency(cfg, {"CPU": 9.0}) == 4
+    assert trial_concurrency(cfg, {"CPU": 3.0}) == 1
+    gpu = train_config(tmp_path, tmp_path, "train.num_workers=1", "train.use_gpu=true", "tune.num_samples=8")
+    assert trial_concurrency(gpu, {"CPU": 64.0, "GPU": 3.0}) == 3
+    with pytest.raises(SweepError, match="1 GPUs"):
+        trial_concurrency(gpu, {"CPU": 64.0})

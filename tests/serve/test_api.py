@@ -1,0 +1,103 @@
+"""The HTTP API on a plain uvicorn server (no Ray): every route, and every bad input answered 4xx JSON, after which
+the service still answers a good request."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from cases import AGE_FIELD, bad_requests, post
+from images import write_dicom, write_jpeg
+
+
+def phantom_png(phantom_dir) -> bytes:
+    return sorted(phantom_dir.rglob("*.png"))[0].read_bytes()
+
+
+def test_predict_answers_bone_age_sds_and_model(direct_url, phantom_dir):
+    answer = post(direct_url, "predict", phantom_png(phantom_dir), sex="F", **{AGE_FIELD: "120"}).json()
+    assert 0 < answer["bone_age_months"] < 400 and answer["bone_age"].endswith("months")
+    assert answer["sex"] == "F" and answer["sex_source"] == "form"
+    assert answer["chronological_age_months"] == 120.0
+    assert answer["determination"] in ("delayed", "normal", "advanced")
+    expected_sds = (answer["bone_age_months"] - 125.66) / 11.73  # girls at 120 months: mean 125.66, SD 11.73
+    assert answer["sds"] == pytest.approx(expected_sds, abs=0.02)
+    assert answer["model"] == {"name": "tiny", "version": "1"} and len(answer["request_id"]) == 32
+
+
+def test_predict_without_age_has_no_sds(direct_url, phantom_dir):
+    answer = post(direct_url, "predict", phantom_png(phantom_dir), sex="m").json()
+    assert answer["sex"] == "M" and "sds" not in answer and "determination" not in answer
+
+
+def test_age_outside_the_reference_is_indeterminate(direct_url, phantom_dir):
+    answer = post(direct_url, "predict", phantom_png(phantom_dir), sex="F", **{AGE_FIELD: "230"}).json()
+    assert answer["determination"] == "indeterminate" and answer["sds"] is None
+
+
+def test_explain_gives_the_same_age_with_an_overlay_and_a_heat_map_grid(direct_url, phantom_dir):
+    png = phantom_png(phantom_dir)
+    predicted = post(direct_url, "predict", png, sex="F").json()["bone_age_months"]
+    answer = post(direct_url, "explain", png, sex="F").json()
+    assert answer["bone_age_months"] == pytest.approx(predicted, abs=0.05)
+    overlay = Image.open(io.BytesIO(base64.b64decode(answer["overlay_png_base64"])))
+    assert overlay.format == "PNG" and overlay.size == (128, 128) and overlay.mode == "RGB"
+    grid = np.array(answer["heatmap"])
+    assert grid.shape == (16, 16) and grid.min() >= 0 and grid.max() <= 1 and grid.max() > 0
+
+
+def test_explain_returns_the_png_itself_when_asked(direct_url, phantom_dir):
+    response = post(direct_url, "explain", phantom_png(phantom_dir), headers={"Accept": "image/png"}, sex="M")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(response.content)).size == (128, 128)
+    assert float(response.headers["X-Bone-Age-Months"]) > 0
+
+
+def test_jpeg_and_dicom_are_read_and_dicom_supplies_the_sex(direct_url, tmp_path):
+    jpeg = post(direct_url, "predict", write_jpeg(tmp_path / "a.jpg").read_bytes(), "a.jpg", sex="F")
+    assert jpeg.status_code == 200
+    dicom = post(direct_url, "predict", write_dicom(tmp_path / "a.dcm").read_bytes(), "a.dcm")  # PatientSex F
+    assert dicom.status_code == 200 and dicom.json()["sex"] == "F" and dicom.json()["sex_source"] == "dicom"
+
+
+def test_model_health_page_and_docs(direct_url):
+    model = requests.get(f"{direct_url}/v1/model", timeout=10).json()
+    assert model["model"]["version"] == "1" and model["image_size"] == 64 and len(model["weights_sha256"]) == 64
+    assert model["metrics"]["val_mae"] == 19.0
+    assert requests.get(f"{direct_url}/healthz", timeout=10).json()["status"] == "ok"
+    page = requests.get(direct_url, timeout=10)
+    assert page.headers["content-type"].startswith("text/html") and 'id="query"' in page.text
+    assert "http" not in page.text.split("<script>")[0].replace("http-equiv", "")  # no external assets
+    schema = requests.get(f"{direct_url}/openapi.json", timeout=10).json()
+    assert {"/v1/predict", "/v1/explain", "/v1/model", "/healthz"} <= set(schema["paths"])
+    assert requests.get(f"{direct_url}/docs", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("route", ["predict", "explain"])
+def test_every_bad_input_answers_4xx_json_and_the_service_keeps_serving(direct_url, phantom_dir, tmp_path, route):
+    png = phantom_png(phantom_dir)
+    for case, kwargs, status, code in bad_requests(tmp_path, png):
+        response = requests.post(f"{direct_url}/v1/{route}", timeout=60, **kwargs)
+        assert response.status_code == status, (case, response.text)
+        body = response.json()
+        assert body["error"] == code and body["detail"], case
+        assert post(direct_url, route, png, sex="F").status_code == 200, f"after {case}"
+
+
+def test_a_declared_body_over_the_limit_is_refused_before_it_is_read(direct_url):
+    host, port = direct_url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.putrequest("POST", "/v1/predict")
+    connection.putheader("Content-Type", "multipart/form-data; boundary=b")
+    connection.putheader("Content-Length", str(50 * 2**20))  # announced, never sent
+    connection.endheaders(b"--b\r\n")
+    response = connection.getresponse()
+    assert response.status == 413 and json.loads(response.read())["error"] == "upload_too_large"
+    connection.close()
