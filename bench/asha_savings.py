@@ -1,9 +1,9 @@
 """Benchmark the compute ASHA saves: the same sweep with early stopping and with every trial run to the end.
 
-    python bench/asha_savings.py [--trials 8] [--max-epochs 4]
+    python bench/asha_savings.py [--trials 12] [--max-epochs 8] [--grace-period 1] [--reduction-factor 2]
 
 Both sweeps draw the same trials (same sampler seed) on the same phantoms; one schedules them with ASHA
-(grace period 1, reduction factor 2), the other runs each to --max-epochs. Reported: trial-epochs spent by each,
+(--grace-period, --reduction-factor), the other runs each to --max-epochs. Reported: trial-epochs spent by each,
 their ratio, and whether both pick the same best configuration. Target: at least 2x fewer trial-epochs for the
 same best configuration. Results: bench/results/asha_savings.json.
 """
@@ -31,11 +31,13 @@ SPACE = ("{model.head: {choice: [[64], [256], [512, 128]]}, train.lr: {logunifor
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--max-epochs", type=int, default=4)
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--max-epochs", type=int, default=8)
+    parser.add_argument("--grace-period", type=int, default=1)
+    parser.add_argument("--reduction-factor", type=int, default=2)
     parser.add_argument("--phantoms", type=int, default=600)
     args = parser.parse_args()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, log_to_driver=False)  # with the dashboard: sweeps need its State API
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         base = [f"phantoms.out={work / 'phantoms'}", f"phantoms.n={args.phantoms}", "phantoms.size=128",
@@ -43,8 +45,9 @@ def main() -> None:
                 f"data.images={work / 'phantoms'}", f"data.out={work / 'prepared'}", "data.image_size=32",
                 "train.batch_size=16", "train.threads_per_worker=1", f"train.storage_path={work / 'runs'}",
                 f"registry.root={work / 'registry'}", f"tune.search_space={SPACE}",
-                f"tune.num_samples={args.trials}", f"tune.max_epochs={args.max_epochs}", "tune.grace_period=1",
-                "tune.reduction_factor=2", "tune.seed=0"]
+                f"tune.num_samples={args.trials}", f"tune.max_epochs={args.max_epochs}",
+                f"tune.grace_period={args.grace_period}", f"tune.reduction_factor={args.reduction_factor}",
+                "tune.seed=0"]
         cfg = load_config("configs/demo.yaml", base)
         generate_phantoms(cfg)
         prepare_dataset(cfg)
@@ -64,7 +67,8 @@ def main() -> None:
     print(f"trial-epochs: ASHA {epochs['asha']}, all to the end {epochs['fifo']}: {ratio:.2f}x fewer; "
           f"same trials: {same_configs}; same best configuration: {same_best}")
     write_result("asha_savings", {
-        "trials": args.trials, "max_epochs": args.max_epochs, "trial_epochs": epochs,
+        "trials": args.trials, "max_epochs": args.max_epochs, "grace_period": args.grace_period,
+        "reduction_factor": args.reduction_factor, "trial_epochs": epochs,
         "savings_ratio": ratio, "same_trials_drawn": same_configs, "same_best_configuration": same_best,
         "best": {k: {kk: str(vv) for kk, vv in v.items()} for k, v in best.items()},
         "best_val_mae": {name: float(table.iloc[0]["best_val_mae"]) for name, table in tables.items()},

@@ -101,12 +101,12 @@ def measure_plain(settings: ServeConfig, upload: bytes, count: int) -> dict[str,
 def measure_serve(settings: ServeConfig, deployment: dict[str, Any], upload: bytes, count: int) -> dict[str, Any]:
     from ray import serve
 
-    from boneage.service import build
+    from boneage.service import service_app
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8124})
     options = {k: v for k, v in deployment.items() if k != "name"}
-    serve.run(build(to_dict(settings), options), name="bench", route_prefix="/")
+    serve.run(service_app(to_dict(settings), options), name="bench", route_prefix="/")
     try:
         return run_load("http://127.0.0.1:8124", upload, count)
     finally:

@@ -19,8 +19,10 @@ def ray_session():
     refuse_other_ray_clusters()
 
     # The dashboard serves the State API, which Ray Train uses to clean up after stopped trials.
-    ray.init(num_cpus=4, object_store_memory=400 * 1024 * 1024, include_dashboard=True, log_to_driver=False)
+    context = ray.init(num_cpus=4, object_store_memory=400 * 1024 * 1024, include_dashboard=True,
+                       log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False
+    ray.test_dashboard_url = f"http://{context.dashboard_url}"  # for CLI clients such as `serve deploy`
     yield ray
     ray.shutdown()
 

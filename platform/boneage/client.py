@@ -56,8 +56,8 @@ class BoneAgeClient:
             try:
                 if requests.get(f"{self.url}/healthz", timeout=5).status_code == 200:
                     return
-            except requests.ConnectionError:
-                pass  # not listening yet
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not listening yet, or the proxy is up and the replica still loading
             time.sleep(1.0)
         raise ServiceError(503, "not_ready", f"{self.url}/healthz did not answer 200 within {timeout_s:g} s")
 

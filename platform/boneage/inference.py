@@ -25,7 +25,7 @@ from torch import nn
 
 from boneage.bundle import LoadedBundle, load_bundle, resolve
 from boneage.imaging import decode_grayscale, fit_to_square, is_dicom
-from boneage.model import BoneAgeNet
+from boneage.model import NUM_BLOCKS, BoneAgeNet
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Explanation:
     """A prediction with its Grad-CAM heat map."""
 
     bone_age_months: float
-    heatmap: np.ndarray  # (S, S) float32 in [0, 1]: where evidence for an older bone age lies
+    heatmap: np.ndarray  # (S, S) float32 in [0, 1]: where the evidence for this bone age lies
     overlay_png: bytes  # the display canvas with the heat map blended over it
 
 
@@ -59,10 +59,13 @@ class _SexConditioned(nn.Module):
 
 
 class BoneAgeTarget:
-    """Grad-CAM target for regression: the predicted bone age itself, so the map shows what raises it."""
+    """Grad-CAM target for regression: how far the estimate lies from the training set's mean age (the model's
+    output is standardised, so that is its absolute value). The map shows what makes this hand look older or
+    younger than average; with the raw output as target, every child estimated younger than average would get an
+    empty map, since Grad-CAM keeps only evidence that raises its target."""
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
-        return output[0]
+        return output[0].abs()
 
 
 class BoneAgePredictor:
@@ -75,6 +78,9 @@ class BoneAgePredictor:
         self.max_megapixels = max_megapixels
         self.model = bundle.model.eval()
         explain_net = copy.deepcopy(bundle.model).eval()
+        # Grad-CAM needs gradients only above its target layer, in the top block: the four blocks below run
+        # without building a graph, so an explanation costs about one forward pass, not forward plus backward.
+        explain_net.freeze_bottom_blocks(NUM_BLOCKS - 1)
         self._explainer = _SexConditioned(explain_net)
         # The last ReLU of the backbone: the finest map that still sees the whole hand (S/16 per side).
         last_relu = [layer for layer in explain_net.features if isinstance(layer, nn.ReLU)][-1]
@@ -115,7 +121,7 @@ class BoneAgePredictor:
         rgb = np.repeat(display[..., None], 3, axis=2).astype(np.float32) / 255.0  # (D, D, 3)
         blended = show_cam_on_image(rgb, np.clip(big, 0.0, 1.0), use_rgb=True, image_weight=0.6)  # (D, D, 3) uint8
         buffer = io.BytesIO()
-        Image.fromarray(blended).save(buffer, format="PNG")
+        Image.fromarray(blended).save(buffer, format="PNG", compress_level=1)  # speed over size
         return buffer.getvalue()
 
 

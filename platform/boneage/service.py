@@ -105,12 +105,14 @@ class BoneAgeService:
                 "batches_by_size": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
 
 
-def build(args: dict[str, Any], options: dict[str, Any] | None = None) -> serve.Application:
-    """The application for ``configs/serve.yaml``: check the settings and the bundle, then bind the deployment.
+def build(args: dict[str, Any]) -> serve.Application:
+    """The application builder ``configs/serve.yaml`` names: Serve calls it with the application's ``args``."""
+    return service_app(args)
 
-    ``options`` are deployment options (``num_replicas``, ``autoscaling_config``, ...) for use from Python; a
-    Serve config file sets them under ``deployments``.
-    """
+
+def service_app(args: dict[str, Any], options: dict[str, Any] | None = None) -> serve.Application:
+    """Check the settings and the bundle, then bind the deployment with deployment ``options`` (``num_replicas``,
+    ``autoscaling_config``, ...; a Serve config file sets those under ``deployments`` instead)."""
     settings = parse_section(ServeConfig, dict(args), "serve")
     bundle = resolve(settings.model_uri, settings.registry_root)
     meta = read_meta(bundle)  # fails here, before any replica, on a missing or tampered bundle

@@ -29,6 +29,7 @@ from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.util.state import list_actors
 
 from boneage.artifacts import atomic_file, sha256_json
 from boneage.bundle import promote_if_better
@@ -113,6 +114,17 @@ def check_metric(metric: str) -> None:
                          + ", ".join(REPORTED_METRICS))
 
 
+def check_state_api() -> None:
+    """Ray Train frees a stopped trial's workers through Ray's State API: without it (no dashboard, or two Ray
+    clusters on one machine, which its auto-discovery cannot tell apart) a sweep would hang on their CPUs."""
+    try:
+        list_actors(limit=1, raise_on_missing_output=False)
+    except Exception as err:  # the State API raises several types
+        raise SweepError(f"Ray's State API is not reachable ({type(err).__name__}: {err}). Sweeps need it: start "
+                         "Ray with its dashboard (the default with ray[default]; not include_dashboard=False) and "
+                         "run one Ray cluster per machine") from None
+
+
 def trial_concurrency(cfg: Config, cluster: dict[str, float]) -> int:
     """How many trials run at once: as many as the cluster's CPUs and GPUs hold beside ``tune.data_cpus`` for
     Ray Data; fails when not even one fits."""
@@ -152,6 +164,7 @@ def run_sweep(cfg: Config) -> SweepOutcome:
     check_metric(cfg.tune.metric)
     if not ray.is_initialized():
         ray.init()
+    check_state_api()
     concurrency = trial_concurrency(cfg, ray.cluster_resources())
     plan = plan_run(cfg)
     name = cfg.tune.sweep_name or sweep_name(cfg, plan.manifest)
@@ -182,7 +195,7 @@ def _tune_config(cfg: Config, concurrency: int) -> tune.TuneConfig:
     scheduler = (ASHAScheduler(time_attr="epoch", max_t=t.max_epochs, grace_period=t.grace_period,
                                reduction_factor=t.reduction_factor) if t.scheduler == "asha" else FIFOScheduler())
     return tune.TuneConfig(metric=t.metric, mode="min", scheduler=scheduler, num_samples=t.num_samples,
-                           max_concurrent_trials=concurrency, search_alg=BasicVariantGenerator(random_state=t.seed),
+                           search_alg=BasicVariantGenerator(max_concurrent=concurrency, random_state=t.seed),
                            trial_dirname_creator=_trial_folder)
 
 

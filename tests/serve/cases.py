@@ -69,7 +69,7 @@ def deploy(registry: Path, name: str, route: str, options: dict, *settings: str)
     """Deploy the service (model ``tiny:1`` unless ``settings`` say otherwise) as Serve application ``name``."""
     from ray import serve
 
-    from boneage.service import build
+    from boneage.service import service_app
 
     args = to_dict(serve_settings(registry, *settings))
-    serve.run(build(args, {"ray_actor_options": {"num_cpus": 0.25}, **options}), name=name, route_prefix=route)
+    serve.run(service_app(args, {"ray_actor_options": {"num_cpus": 0.25}, **options}), name=name, route_prefix=route)

@@ -3,14 +3,17 @@ swaps, bad bundles, autoscaling and the real full-size radiographs."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from ray import serve
 
 from boneage.bundle import BundleError
@@ -95,6 +98,11 @@ def test_overload_answers_503_quickly_and_the_service_recovers(serve_port, regis
         serve.delete("tight")
 
 
+def app_status(app: str) -> str:
+    found = serve.status().applications.get(app)
+    return found.status if found else "NOT_STARTED"
+
+
 def replicas(app: str) -> int:
     states = serve.status().applications[app].deployments["BoneAgeService"].replica_states
     return states.get("RUNNING", 0)
@@ -147,3 +155,29 @@ def test_the_query_job_prints_the_answer_and_writes_the_overlay(service_url, pha
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1
     assert refused.stderr.startswith("error: the service answered 422 missing_sex: give 'sex' as M or F")
+
+
+def test_configs_serve_yaml_deploys_with_the_serve_cli(ray_session, serve_port, registry, tmp_path):
+    """`serve deploy configs/serve.yaml` as the README says (only the model, port and route changed for the test)."""
+    config = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
+    config["http_options"]["port"] = serve_port
+    app = config["applications"][0]
+    app.update(name="fromfile", route_prefix="/fromfile")
+    app["args"].update(model_uri="tiny:2", registry_root=str(registry), overlay_size=128)
+    app["deployments"][0]["ray_actor_options"]["num_cpus"] = 0.25
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    done = subprocess.run([str(Path(sys.executable).parent / "serve"), "deploy", str(path), "--address",
+                           ray_session.test_dashboard_url], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    try:
+        deadline = time.time() + 180
+        while app_status("fromfile") in ("NOT_STARTED", "DEPLOYING") and time.time() < deadline:
+            time.sleep(1)
+        assert app_status("fromfile") == "RUNNING", serve.status().applications["fromfile"].message
+        model = requests.get(f"http://127.0.0.1:{serve_port}/fromfile/v1/model", timeout=30).json()
+        assert model["model"] == {"name": "tiny", "version": "2"} and model["serving"]["max_batch_size"] == 8
+    finally:
+        serve.delete("fromfile")
