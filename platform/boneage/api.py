@@ -95,8 +95,7 @@ def create_api(backend: Backend, settings: ServeConfig) -> FastAPI:
     app = FastAPI(title="Bone age", version=API_VERSION,
                   description="Pediatric bone age from a left-hand radiograph, with Grad-CAM heat maps. "
                               "Research use only: not a medical device.")
-    limit = int(settings.max_upload_mb * 1024 * 1024)
-    app.add_middleware(BodyLimit, limit=limit)
+    app.add_middleware(BodyLimit, limit=int(settings.max_upload_mb * 1024 * 1024))
     app.add_middleware(RequestMetrics, metrics=backend.metrics)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -106,7 +105,7 @@ def create_api(backend: Backend, settings: ServeConfig) -> FastAPI:
     @app.post(f"/{API_VERSION}/predict", summary="Bone age of one radiograph")
     async def predict(request: Request, file: UploadFile | None = form["file"], sex: str | None = form["sex"],
                       chronological_age_months: str | None = form["age"]) -> dict[str, Any]:
-        query = await _read_query(request, backend, file, sex, chronological_age_months, limit)
+        query = await _read_query(request, backend, file, sex, chronological_age_months)
         started = time.perf_counter()
         months = await backend.predict(query.radiograph.canvas, query.sex == "M")
         backend.metrics.prediction(time.perf_counter() - started)
@@ -117,7 +116,7 @@ def create_api(backend: Backend, settings: ServeConfig) -> FastAPI:
                                                                              "with Accept: image/png"}})
     async def explain(request: Request, file: UploadFile | None = form["file"], sex: str | None = form["sex"],
                       chronological_age_months: str | None = form["age"]) -> Response:
-        query = await _read_query(request, backend, file, sex, chronological_age_months, limit)
+        query = await _read_query(request, backend, file, sex, chronological_age_months)
         started = time.perf_counter()
         result: Explanation = await asyncio.to_thread(backend.predictor.explain, query.radiograph, query.sex == "M")
         backend.metrics.gradcam(time.perf_counter() - started)
@@ -164,25 +163,22 @@ class Query:
 
 
 async def _read_query(request: Request, backend: Backend, file: UploadFile | None, sex: str | None,
-                      age: str | None, limit: int) -> Query:
+                      age: str | None) -> Query:
     try:
-        return await _checked_query(request, backend, file, sex, age, limit)
+        return await _checked_query(request, backend, file, sex, age)
     except ApiError as err:
         backend.metrics.rejection(err.code)
         raise
 
 
 async def _checked_query(request: Request, backend: Backend, file: UploadFile | None, sex: str | None,
-                         age: str | None, limit: int) -> Query:
+                         age: str | None) -> Query:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type", "send multipart/form-data with a 'file' field (the "
                                                       "radiograph) and a 'sex' field (M or F)")
     if file is None:
         raise ApiError(422, "missing_file", "the form has no 'file' field: attach the radiograph as 'file'")
-    data = await file.read()
-    if len(data) > limit:
-        raise ApiError(413, "upload_too_large", f"the file is {len(data) / 2**20:.1f} MB; the limit is "
-                                                f"{limit / 2**20:g} MB")
+    data = await file.read()  # BodyLimit has already refused a body over the upload limit
     if not data:
         raise ApiError(400, "empty_file", "the uploaded file is empty")
     _check_format(data)
@@ -332,8 +328,6 @@ async def _send_json(send: Send, status: int, code: str, detail: str) -> None:
 def direct_server(settings: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> uvicorn.Server:
     """The API with the model in this process, on one uvicorn server (no Ray, no batching): the benchmark's
     baseline and a quick local check. ``server.run()`` serves until ``server.should_exit`` is set."""
-    predictor = BoneAgePredictor.from_uri(settings.model_uri, settings.registry_root,
-                                          overlay_size=settings.overlay_size,
-                                          max_megapixels=settings.max_image_megapixels)
+    predictor = BoneAgePredictor.from_settings(settings)
     app = create_api(DirectBackend(predictor), settings)
     return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))

@@ -13,7 +13,6 @@ import copy
 import io
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -24,6 +23,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from torch import nn
 
 from boneage.bundle import LoadedBundle, load_bundle, resolve
+from boneage.config import ServeConfig
 from boneage.imaging import decode_grayscale, fit_to_square, is_dicom
 from boneage.model import NUM_BLOCKS, BoneAgeNet
 
@@ -88,9 +88,11 @@ class BoneAgePredictor:
         self._cam_lock = threading.Lock()
 
     @classmethod
-    def from_uri(cls, model_uri: str, registry_root: str | Path, **options) -> BoneAgePredictor:
-        """Resolve a bundle folder or registry reference (``name:best``), verify its checksum and load it."""
-        return cls(load_bundle(resolve(model_uri, registry_root)), **options)
+    def from_settings(cls, settings: ServeConfig) -> BoneAgePredictor:
+        """The bundle ``serve.model_uri`` names (a folder or a registry reference such as ``name:best``), its
+        checksum verified, with the service's overlay size and decompression-bomb guard."""
+        return cls(load_bundle(resolve(settings.model_uri, settings.registry_root)),
+                   overlay_size=settings.overlay_size, max_megapixels=settings.max_image_megapixels)
 
     def decode(self, data: bytes) -> Radiograph:
         """File bytes (PNG, JPEG or DICOM) -> both canvases; raises ``ImageRejected`` with a reason code."""

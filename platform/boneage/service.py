@@ -73,9 +73,7 @@ class BoneAgeService:
     def __init__(self, settings: dict[str, Any]):
         self.settings: ServeConfig = parse_section(ServeConfig, settings, "serve")
         torch.set_num_threads(self.settings.torch_threads or _assigned_cpus())
-        self.predictor = BoneAgePredictor.from_uri(self.settings.model_uri, self.settings.registry_root,
-                                                   overlay_size=self.settings.overlay_size,
-                                                   max_megapixels=self.settings.max_image_megapixels)
+        self.predictor = BoneAgePredictor.from_settings(self.settings)
         self.metrics = ServeMetrics()
         self.batch_sizes: Counter[int] = Counter()
         self._predict_batch.set_max_batch_size(self.settings.max_batch_size)
