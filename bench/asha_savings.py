@@ -1,6 +1,6 @@
 """Benchmark the compute ASHA saves: the same sweep with early stopping and with every trial run to the end.
 
-    python bench/asha_savings.py [--trials 12] [--max-epochs 8] [--grace-period 1] [--reduction-factor 2]
+    python bench/asha_savings.py [--trials 16] [--max-epochs 12] [--grace-period 2] [--reduction-factor 3]
 
 Both sweeps draw the same trials (same sampler seed) on the same phantoms; one schedules them with ASHA
 (--grace-period, --reduction-factor), the other runs each to --max-epochs. Reported: trial-epochs spent by each,
@@ -31,10 +31,10 @@ SPACE = ("{model.head: {choice: [[64], [256], [512, 128]]}, train.lr: {logunifor
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trials", type=int, default=12)
-    parser.add_argument("--max-epochs", type=int, default=8)
-    parser.add_argument("--grace-period", type=int, default=1)
-    parser.add_argument("--reduction-factor", type=int, default=2)
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--max-epochs", type=int, default=12)
+    parser.add_argument("--grace-period", type=int, default=2)
+    parser.add_argument("--reduction-factor", type=int, default=3)
     parser.add_argument("--phantoms", type=int, default=600)
     args = parser.parse_args()
     ray.init(num_cpus=4, log_to_driver=False)  # with the dashboard: sweeps need its State API
@@ -72,6 +72,9 @@ def main() -> None:
         "savings_ratio": ratio, "same_trials_drawn": same_configs, "same_best_configuration": same_best,
         "best": {k: {kk: str(vv) for kk, vv in v.items()} for k, v in best.items()},
         "best_val_mae": {name: float(table.iloc[0]["best_val_mae"]) for name, table in tables.items()},
+        "val_mae_by_epoch": {name: {f"{row['trial']} {row['model.head']} lr {row['train.lr']:.2e} dropout "
+                                    f"{row['model.dropout']:.2f}": row["val_mae"] for _, row in table.iterrows()}
+                             for name, table in tables.items()},
         "target_savings_ratio": 2.0,
     })
 

@@ -2,10 +2,11 @@
 Ray Serve (batching, configs/serve.yaml's deployment) against a plain single-process FastAPI + uvicorn server
 running the same model code (boneage.api.direct_server), in the same run.
 
-    python bench/serve_latency.py [--requests 96] [--image-size 64]
+    python bench/serve_latency.py [--requests 192] [--warmup-s 15] [--image-size 64]
 
 The model is the demo's architecture (vgg16_bn, 64 px) with random weights: latency does not depend on them. Each
-client request uploads one 256 px phantom PNG. Targets on 2 cores: predict throughput at concurrency 32 at least
+client request uploads one 256 px phantom PNG. Before each measured point, --warmup-s seconds of the same load let
+the autoscaler settle and oneDNN pick its kernels: the numbers are steady-state ones. Targets on 2 cores: predict throughput at concurrency 32 at least
 1.5x the plain server's; p99 under 2x p50 at concurrency 8; explain p50 at most 2.5x predict p50 (concurrency 1).
 Results: bench/results/serve_latency.json.
 """
@@ -15,12 +16,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import itertools
+import math
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 import numpy as np
@@ -45,7 +49,8 @@ ROUTES = ("predict", "explain")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=96, help="timed requests per route and concurrency")
+    parser.add_argument("--requests", type=int, default=192, help="timed requests per route and concurrency")
+    parser.add_argument("--warmup-s", type=float, default=15.0, help="seconds of load before each measured point")
     parser.add_argument("--image-size", type=int, default=64, help="the model's input size")
     args = parser.parse_args()
     serve_file = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
@@ -55,12 +60,15 @@ def main() -> None:
         bundle = demo_like_bundle(work / "bundle", args.image_size)
         upload = phantom_png(work)
         settings = parse_section(ServeConfig, {**app_config["args"], "model_uri": str(bundle)}, "serve")
-        results = {"plain_uvicorn": measure_plain(settings, upload, args.requests),
-                   "ray_serve": measure_serve(settings, app_config["deployments"][0], upload, args.requests)}
+        load_plan = LoadPlan(upload, args.requests, args.warmup_s)
+        results = {"plain_uvicorn": measure_plain(settings, load_plan),
+                   "ray_serve": measure_serve(settings, app_config["deployments"][0], load_plan)}
     summary = summarise(results)
     for line in summary["lines"]:
         print(line)
-    write_result("serve_latency", {"requests_per_point": args.requests, "image_size": args.image_size,
+    write_result("serve_latency", {"requests_per_point": args.requests, "warmup_s": args.warmup_s,
+                                   "image_size": args.image_size, "precision": settings.precision,
+                                   "serve_app_args": app_config["args"], "serve_deployment": app_config["deployments"][0],
                                    "upload_bytes": len(upload), "results": results, **summary["checks"],
                                    "targets": {"predict_throughput_ratio_c32": 1.5, "p99_over_p50_c8": 2.0,
                                                "explain_over_predict_p50": 2.5}})
@@ -85,20 +93,29 @@ def phantom_png(work: Path) -> bytes:
     return buffer.getvalue()
 
 
-def measure_plain(settings: ServeConfig, upload: bytes, count: int) -> dict[str, Any]:
+@dataclass
+class LoadPlan:
+    """What each measured point sends: ``requests`` uploads of ``upload``, after ``warmup_s`` seconds of the same."""
+
+    upload: bytes
+    requests: int
+    warmup_s: float
+
+
+def measure_plain(settings: ServeConfig, plan: LoadPlan) -> dict[str, Any]:
     server = direct_server(settings, port=8123)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.05)
     try:
-        return run_load("http://127.0.0.1:8123", upload, count)
+        return run_load("http://127.0.0.1:8123", plan)
     finally:
         server.should_exit = True
         thread.join(timeout=30)
 
 
-def measure_serve(settings: ServeConfig, deployment: dict[str, Any], upload: bytes, count: int) -> dict[str, Any]:
+def measure_serve(settings: ServeConfig, deployment: dict[str, Any], plan: LoadPlan) -> dict[str, Any]:
     from ray import serve
 
     from boneage.service import service_app
@@ -108,34 +125,42 @@ def measure_serve(settings: ServeConfig, deployment: dict[str, Any], upload: byt
     options = {k: v for k, v in deployment.items() if k != "name"}
     serve.run(service_app(to_dict(settings), options), name="bench", route_prefix="/")
     try:
-        return run_load("http://127.0.0.1:8124", upload, count)
+        return run_load("http://127.0.0.1:8124", plan, replicas=lambda: _running_replicas(serve))
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def run_load(url: str, upload: bytes, count: int) -> dict[str, Any]:
-    """Every route at every concurrency: latencies (ms) and throughput (requests/s)."""
+def run_load(url: str, plan: LoadPlan, replicas: Callable[[], int] | None = None) -> dict[str, Any]:
+    """Every route at every concurrency: latencies (ms), throughput (requests/s) and, for Serve, the replicas
+    running when the point was measured."""
     out: dict[str, Any] = {}
     for route in ROUTES:
         for concurrency in CONCURRENCY:
-            asyncio.run(load(url, route, upload, concurrency, max(concurrency, 8)))  # warm up
-            latencies, seconds = asyncio.run(load(url, route, upload, concurrency, count))
+            asyncio.run(load(url, route, plan.upload, concurrency, seconds=plan.warmup_s))
+            latencies, seconds = asyncio.run(load(url, route, plan.upload, concurrency, count=plan.requests))
             point = {"p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
-                     "throughput_rps": count / seconds}
+                     "throughput_rps": plan.requests / seconds}
+            if replicas:
+                point["replicas"] = replicas()
             out[f"{route}_c{concurrency}"] = point
             print(f"{url} {route} c={concurrency}: p50 {point['p50_ms']:.0f} ms, p99 {point['p99_ms']:.0f} ms, "
-                  f"{point['throughput_rps']:.1f} req/s", flush=True)
+                  f"{point['throughput_rps']:.1f} req/s" + (f", {point['replicas']} replicas" if replicas else ""),
+                  flush=True)
     return out
 
 
-async def load(url: str, route: str, upload: bytes, concurrency: int, count: int) -> tuple[list[float], float]:
-    """``count`` requests from ``concurrency`` clients; each answer must be 200."""
+async def load(url: str, route: str, upload: bytes, concurrency: int, count: int | None = None,
+               seconds: float | None = None) -> tuple[list[float], float]:
+    """``count`` requests, or as many as ``seconds`` allow, from ``concurrency`` clients; each answer must be 200."""
     latencies: list[float] = []
-    remaining = iter(range(count))
+    remaining = iter(range(count)) if count is not None else itertools.count()
+    deadline = time.perf_counter() + seconds if seconds is not None else math.inf
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
         async def client() -> None:
             for _ in remaining:
+                if time.perf_counter() > deadline:
+                    return
                 form = aiohttp.FormData()
                 form.add_field("file", upload, filename="hand.png", content_type="image/png")
                 form.add_field("sex", "F")
@@ -149,6 +174,11 @@ async def load(url: str, route: str, upload: bytes, concurrency: int, count: int
         started = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         return latencies, time.perf_counter() - started
+
+
+def _running_replicas(serve) -> int:
+    deployments = serve.status().applications["bench"].deployments
+    return sum(d.replica_states.get("RUNNING", 0) for d in deployments.values())
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -43,7 +43,9 @@ def read_split(root: str | Path, split: str) -> ray.data.Dataset:
     if not path.is_dir():
         raise FileNotFoundError(f"{root} has no '{split}' split; its splits are: "
                                 f"{', '.join(sorted(p.name for p in Path(root).iterdir() if p.is_dir()))}")
-    with ray.data.DataContext.current(quiet_context()):  # a dataset keeps the context it was created in
+    context = quiet_context()
+    context.execution_options.preserve_order = True  # rows in file order: the same seed gives the same batches
+    with ray.data.DataContext.current(context):  # a dataset keeps the context it was created in
         return ray.data.read_parquet(str(path))
 
 

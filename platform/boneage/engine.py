@@ -8,7 +8,7 @@ A batch is a dict of tensors on the device: ``image`` (B, 1, S, S) uint8, ``bone
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from collections import deque
 from typing import Iterable
 
 import torch
@@ -18,21 +18,23 @@ from torch import nn
 from boneage.augment import build_augmentation
 from boneage.config import Config
 from boneage.model import NUM_BLOCKS, BoneAgeNet
+from boneage.precision import autocast_for
 
 
 class TrainStep:
-    """One optimisation step: uint8 -> [0, 1], augment on the device, channels_last, bf16 autocast on GPUs,
-    L1 on the standardised target, gradient clipping, AdamW, warm-up + cosine learning rate."""
+    """One optimisation step: uint8 -> [0, 1], augment on the device, channels_last, bf16 autocast where the
+    hardware computes in bf16 (``train.precision``), L1 on the standardised target, gradient clipping, AdamW, warm-up + cosine learning rate."""
 
     def __init__(self, model: nn.Module, net: BoneAgeNet, cfg: Config, steps_per_epoch: int, target_mean: float,
                  target_std: float, device: torch.device):
         self.model, self.net, self.cfg = model, net, cfg
         self.mean, self.std = target_mean, target_std
         self.augment = build_augmentation(cfg.augment).to(device)
-        self.autocast = autocast_for(device)
+        self.autocast = autocast_for(device, cfg.train.precision)
         self.optimizer, self.scheduler, self.active = make_optimizer(net, cfg, steps_per_epoch)
         self.loss_sum = torch.zeros((), device=device)
         self.seen = 0
+        self.recent: deque[dict[str, torch.Tensor]] = deque(maxlen=cfg.train.bn_recalibration_batches)
 
     def start_epoch(self, epoch: int) -> None:
         """Apply the freezing schedule and reset the epoch's running loss."""
@@ -58,6 +60,35 @@ class TrainStep:
         self.scheduler.step()
         self.loss_sum += loss.detach() * len(target)  # on the device: no host sync per step
         self.seen += len(target)
+        self.recent.append(batch)  # un-augmented, for recalibrate_batchnorm
+
+    def recalibrate_batchnorm(self) -> None:
+        """Re-estimate the trainable batch-norm layers' running statistics with the current weights, from the
+        epoch's last ``train.bn_recalibration_batches`` batches, un-augmented like validation images.
+
+        Why: early in training the weights move faster than the running averages (momentum 0.1) follow, so eval
+        mode reads stale statistics and val MAE swings wildly (one epoch at lr 9e-4: 194 months, the next 34),
+        which misleads checkpoint selection and ASHA's early stopping. Across workers the statistics are averaged.
+        """
+        layers = [layer for layer in self.net.modules()
+                  if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.training]  # frozen ones: eval
+        if not layers or not self.recent:
+            return
+        momenta = [layer.momentum for layer in layers]
+        for layer in layers:
+            layer.reset_running_stats()
+            layer.momentum = None  # a plain average over the batches
+        with torch.no_grad(), self.autocast:
+            for batch in self.recent:
+                self.net(to_unit(batch["image"]).contiguous(memory_format=torch.channels_last), batch["male"])
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+        self.recent.clear()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for layer in layers:
+                for stats in (layer.running_mean, layer.running_var):
+                    torch.distributed.all_reduce(stats)
+                    stats /= torch.distributed.get_world_size()
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
@@ -68,11 +99,11 @@ class TrainStep:
 
 
 def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], mean: float, std: float,
-             device: torch.device) -> list[torch.Tensor]:
+             device: torch.device, precision: str = "auto") -> list[torch.Tensor]:
     """Sums over the batches: [|error|, error^2, count], errors in months, as device tensors (no sync)."""
     model.eval()
     abs_sum, sq_sum, count = (torch.zeros((), device=device) for _ in range(3))
-    with torch.no_grad(), autocast_for(device):
+    with torch.no_grad(), autocast_for(device, precision):
         for batch in batches:
             image = to_unit(batch["image"]).contiguous(memory_format=torch.channels_last)
             error = model(image, batch["male"]).float() * std + mean - batch["boneage"]
@@ -115,8 +146,3 @@ def synchronize(device: torch.device) -> None:
 def to_unit(image: torch.Tensor) -> torch.Tensor:
     """uint8 pixels -> float in [0, 1]."""
     return image.float().div_(255.0)
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on GPUs; full precision on CPUs (where bf16 is usually slower)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()

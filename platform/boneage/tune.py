@@ -204,7 +204,8 @@ def _trial_folder(trial) -> str:
 
 
 def leaderboard(results: tune.ResultGrid, keys: list[str], cfg: Config) -> pd.DataFrame:
-    """One row per trial: its settings, epochs run, best metric, how it ended, wall time; best first."""
+    """One row per trial: its settings, epochs run, best metric, how it ended, the metric by epoch, wall time; best
+    first."""
     rows = []
     for result in results:
         history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
@@ -218,6 +219,8 @@ def leaderboard(results: tune.ResultGrid, keys: list[str], cfg: Config) -> pd.Da
             status = "completed"
         rows.append({"trial": Path(result.path).name.removeprefix("trial-"), **{k: result.config.get(k) for k in keys},
                      "epochs": epochs, f"best_{cfg.tune.metric}": best, "status": status,
+                     # the metric epoch by epoch: why ASHA stopped a trial, or where a completed one peaked
+                     cfg.tune.metric: " ".join(f"{v:.1f}" for v in history.get(cfg.tune.metric, [])),
                      "wall_seconds": float(history["time_total_s"].max()) if "time_total_s" in history else 0.0,
                      "error": "" if result.error is None else str(result.error).splitlines()[0][:200]})
     return pd.DataFrame(rows).sort_values(f"best_{cfg.tune.metric}", na_position="last").reset_index(drop=True)

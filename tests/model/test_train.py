@@ -68,6 +68,15 @@ def test_two_workers_train_data_parallel(prepared_dir, tmp_path):
     assert str(load_bundle(outcome.bundle).meta["checkpoint"]) in {str(k) for k in kept}
 
 
+def test_the_same_seed_trains_the_same_model(prepared_dir, tmp_path):
+    """Initial weights, batch order (across two workers) and augmentations follow train.seed: reruns and sweep
+    trials are comparable."""
+    runs = [run_training(train_config(prepared_dir, tmp_path / f"run{i}", "train.num_workers=2", "train.epochs=2"))
+            for i in range(2)]
+    first, second = (run.final_metrics for run in runs)
+    assert first["train_loss"] == second["train_loss"] and first["val_mae"] == second["val_mae"]
+
+
 def train_worker_pids() -> list[int]:
     """PIDs of live Ray Train worker processes (Ray titles them ``ray::RayTrainWorker...``), newest last."""
     pids = []

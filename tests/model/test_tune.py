@@ -43,11 +43,14 @@ def test_sweep_stops_weak_trials_early_writes_a_leaderboard_and_promotes_a_bette
 
     table = outcome.table
     assert len(table) == 4 and set(table.columns) >= {"trial", "model.head", "train.lr", "epochs", "best_val_mae",
-                                                       "status", "wall_seconds"}
+                                                       "status", "wall_seconds", "val_mae"}
     assert (table["status"] == "stopped early (ASHA)").sum() >= 1
     assert (table["status"] == "completed").sum() >= 1
     assert table["best_val_mae"].is_monotonic_increasing  # best first
     assert (table.loc[table["status"] == "completed", "epochs"] == 3).all()
+    curves = table["val_mae"].str.split().map(lambda values: [float(v) for v in values])
+    assert (curves.map(len) == table["epochs"]).all()
+    assert curves.map(min).tolist() == pytest.approx(table["best_val_mae"].tolist(), abs=0.051)
     assert pd.read_csv(outcome.leaderboard).shape[0] == 4
     assert "| trial" in (outcome.leaderboard.parent / "leaderboard.md").read_text()
 

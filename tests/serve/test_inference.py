@@ -49,3 +49,16 @@ def test_explain_matches_predict_and_plain_grad_cam_on_the_whole_model(predictor
     assert expected.max() > 0
     np.testing.assert_allclose(explanation.heatmap, expected, atol=1e-4)
     assert explanation.overlay_png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bf16_answers_stay_within_a_month_of_fp32_and_do_not_depend_on_the_batch(predictor, radiographs):
+    bundle = predictor.bundle
+    canvases = np.stack([r.canvas for r in radiographs])
+    male = np.array([True, False, True, False])
+    fp32 = BoneAgePredictor(bundle, precision="fp32").predict(canvases, male)
+    bf16_predictor = BoneAgePredictor(bundle, precision="bf16")
+    bf16 = bf16_predictor.predict(canvases, male)
+    assert np.abs(bf16 - fp32).max() < 1.0 and not np.array_equal(bf16, fp32)  # bf16 really ran
+    singles = [bf16_predictor.predict(c[None], m[None])[0] for c, m in zip(canvases, male)]
+    assert bf16 == pytest.approx(singles, abs=1e-4)
+

@@ -1,0 +1,88 @@
+"""The training step without Ray: batch-norm recalibration before validation, and bf16 steps."""
+
+import copy
+
+import pytest
+import torch
+
+from boneage.config import load_config
+from boneage.engine import TrainStep, to_unit
+from boneage.model import build_model
+
+SIZE = 32
+
+
+def make_step(*overrides):
+    cfg = load_config(overrides=["model.head=[16]", "model.dropout=0", "model.sex_embedding=4", "train.batch_size=8",
+                                 "train.lr=3e-3", *overrides])
+    torch.manual_seed(0)
+    net = build_model(cfg.model, SIZE).to(memory_format=torch.channels_last)
+    step = TrainStep(net, net, cfg, steps_per_epoch=4, target_mean=120.0, target_std=40.0, device=torch.device("cpu"))
+    step.start_epoch(0)
+    return step, net
+
+
+def batch(seed: int, size: int = 32) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {"image": torch.randint(0, 256, (size, 1, SIZE, SIZE), dtype=torch.uint8, generator=generator),
+            "boneage": torch.rand(size, generator=generator) * 228,
+            "male": (torch.rand(size, generator=generator) > 0.5).float()}
+
+
+def eval_and_train_mode_outputs(net, images):
+    """The eval-mode output, and the train-mode output (batch statistics) of a copy, for the same images."""
+    with torch.no_grad():
+        training = copy.deepcopy(net).train()(to_unit(images["image"]), images["male"])
+        return net.eval()(to_unit(images["image"]), images["male"]), training
+
+
+def test_recalibration_makes_eval_mode_read_the_current_weights_statistics():
+    step, net = make_step("train.bn_recalibration_batches=1", "train.precision=fp32")
+    for seed in range(4):
+        step(batch(seed))  # a high learning rate: the running averages lag the weights
+    last = batch(3)
+    stale, truth = eval_and_train_mode_outputs(net, last)
+    net.train()
+    step.recalibrate_batchnorm()
+    recalibrated, truth = eval_and_train_mode_outputs(net, last)
+    # One batch: the running statistics are that batch's (the variance unbiased, hence not exact), so eval mode
+    # now answers as the batch statistics do; before, it was far off.
+    error, stale_error = (recalibrated - truth).abs().max(), (stale - truth).abs().max()
+    assert error < 0.05 * truth.abs().max() and error < 0.1 * stale_error
+
+
+def test_recalibration_leaves_frozen_blocks_alone():
+    step, net = make_step("train.bn_recalibration_batches=2", "train.unfreeze_blocks=2", "train.precision=fp32")
+    frozen_bn = net.features[1]
+    assert isinstance(frozen_bn, torch.nn.BatchNorm2d) and not frozen_bn.training
+    before = frozen_bn.running_mean.clone()
+    top_bn = [m for m in net.features if isinstance(m, torch.nn.BatchNorm2d)][-1]
+    top_before = top_bn.running_mean.clone()
+    step(batch(0))
+    step(batch(1))
+    step.recalibrate_batchnorm()
+    assert torch.equal(frozen_bn.running_mean, before)
+    assert not torch.equal(top_bn.running_mean, top_before)
+    assert top_bn.momentum == 0.1  # restored after the plain average
+
+
+def test_zero_recalibration_batches_turns_it_off():
+    step, net = make_step("train.bn_recalibration_batches=0")
+    step(batch(0))
+    state = copy.deepcopy(net.state_dict())
+    step.recalibrate_batchnorm()
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_step_in_each_precision_learns(precision):
+    step, net = make_step(f"train.precision={precision}", "train.lr=1e-3")
+    data = batch(0)
+    step(data)
+    first = step.loss_sum.item()
+    for _ in range(6):
+        step(data)
+    assert torch.isfinite(step.loss_sum) and step.seen == 7 * 32
+    step.start_epoch(1)
+    step(data)
+    assert step.loss_sum.item() < first  # the same batch, fitted better
