@@ -2,7 +2,7 @@
 Ray Serve (batching, configs/serve.yaml's deployment) against a plain single-process FastAPI + uvicorn server
 running the same model code (boneage.api.direct_server), in the same run.
 
-    python bench/serve_latency.py [--requests 192] [--warmup-s 15] [--image-size 64]
+    python bench/serve_latency.py [--requests 192] [--warmup-s 30] [--image-size 64]
 
 The model is the demo's architecture (vgg16_bn, 64 px) with random weights: latency does not depend on them. Each
 client request uploads one 256 px phantom PNG. Before each measured point, --warmup-s seconds of the same load let
@@ -50,7 +50,7 @@ ROUTES = ("predict", "explain")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=192, help="timed requests per route and concurrency")
-    parser.add_argument("--warmup-s", type=float, default=15.0, help="seconds of load before each measured point")
+    parser.add_argument("--warmup-s", type=float, default=30.0, help="seconds of load before each measured point")
     parser.add_argument("--image-size", type=int, default=64, help="the model's input size")
     args = parser.parse_args()
     serve_file = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())

@@ -27,7 +27,8 @@ def test_routes_answer_through_serve(service_url, phantoms):
     assert post(service_url, "predict", png, sex=sex).json()["model"] == {"name": "tiny", "version": "1"}
     assert "overlay_png_base64" in post(service_url, "explain", png, sex=sex).json()
     model = requests.get(f"{service_url}/v1/model", timeout=30).json()
-    assert model["serving"]["backend"] == "ray-serve" and model["serving"]["max_batch_size"] == 8
+    assert model["serving"]["backend"] == "ray-serve" and model["serving"]["max_batch_size"] == 16  # the default
+    assert model["serving"]["batch_wait_timeout_s"] == 0.05  # the deployment's override reached the replica
     assert requests.get(f"{service_url}/healthz", timeout=30).json()["status"] == "ok"
     assert 'id="query"' in requests.get(service_url, timeout=30).text
 
