@@ -56,6 +56,23 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+def demo_like_bundle(folder: Path, image_size: int) -> Path:
+    """A bundle of the demo's architecture (configs/demo.yaml) with seeded random weights: timings do not depend
+    on what the weights learned."""
+    import torch
+
+    from boneage.bundle import write_bundle
+    from boneage.config import load_config, to_dict
+    from boneage.model import build_model
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").model
+    torch.manual_seed(0)
+    model = build_model(cfg, image_size).eval()
+    meta = {"name": "bench", "model": to_dict(cfg), "image_size": image_size, "target": {"mean": 120.0, "std": 40.0},
+            "metrics": {"val_mae": 0.0}, "data": {"manifest_fingerprint": "bench"}}
+    return write_bundle(folder, model.state_dict(), meta)
+
+
 def _cpu_model() -> str | None:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_time, write_result  # noqa: E402
+from common import demo_like_bundle, median_time, write_result  # noqa: E402
 
-from boneage.bundle import load_bundle, write_bundle  # noqa: E402
-from boneage.config import load_config, to_dict  # noqa: E402
+from boneage.bundle import load_bundle  # noqa: E402
+from boneage.config import load_config  # noqa: E402
 from boneage.engine import TrainStep  # noqa: E402
 from boneage.inference import BoneAgePredictor  # noqa: E402
 from boneage.model import build_model  # noqa: E402
@@ -44,7 +44,7 @@ def main() -> None:
     torch.manual_seed(0)
     training = {p: train_images_per_s(p, args.image_size) for p in PRECISIONS}
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = Path(args.bundle) if args.bundle else random_bundle(Path(tmp) / "bundle", args.image_size)
+        bundle = Path(args.bundle) if args.bundle else demo_like_bundle(Path(tmp) / "bundle", args.image_size)
         predictors = {p: BoneAgePredictor(load_bundle(bundle), precision=p) for p in PRECISIONS}
         inference = {p: {f"batch_{b}": predict_ms_per_image(predictors[p], b) for b in BATCHES} for p in PRECISIONS}
         answers = answer_differences(predictors, Path(tmp)) if args.bundle else None
@@ -73,13 +73,6 @@ def train_images_per_s(precision: str, image_size: int, batch: int = 32, steps: 
             "boneage": torch.rand(batch) * 228, "male": (torch.rand(batch) > 0.5).float()}
     step(data)  # warm-up: oneDNN picks its kernels
     return batch / median_time(lambda: step(data), steps)
-
-
-def random_bundle(folder: Path, image_size: int) -> Path:
-    cfg = load_config(ROOT / "configs" / "demo.yaml").model
-    meta = {"name": "bench", "model": to_dict(cfg), "image_size": image_size, "target": {"mean": 120.0, "std": 40.0},
-            "metrics": {"val_mae": 0.0}, "data": {"manifest_fingerprint": "bench"}}
-    return write_bundle(folder, build_model(cfg, image_size).eval().state_dict(), meta)
 
 
 def predict_ms_per_image(predictor: BoneAgePredictor, batch: int) -> float:

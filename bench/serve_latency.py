@@ -6,9 +6,9 @@ running the same model code (boneage.api.direct_server), in the same run.
 
 The model is the demo's architecture (vgg16_bn, 64 px) with random weights: latency does not depend on them. Each
 client request uploads one 256 px phantom PNG. Before each measured point, --warmup-s seconds of the same load let
-the autoscaler settle and oneDNN pick its kernels: the numbers are steady-state ones. Targets on 2 cores: predict throughput at concurrency 32 at least
-1.5x the plain server's; p99 under 2x p50 at concurrency 8; explain p50 at most 2.5x predict p50 (concurrency 1).
-Results: bench/results/serve_latency.json.
+the autoscaler settle and oneDNN pick its kernels: the numbers are steady-state ones. Targets on 2 cores: predict
+throughput at concurrency 32 at least 1.5x the plain server's; p99 under 2x p50 at concurrency 8; explain p50 at
+most 2.5x predict p50 (concurrency 1). Results: bench/results/serve_latency.json.
 """
 
 from __future__ import annotations
@@ -29,17 +29,14 @@ from typing import Any, Callable
 import aiohttp
 import numpy as np
 import ray
-import torch
 import yaml
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import demo_like_bundle, write_result  # noqa: E402
 
 from boneage.api import direct_server  # noqa: E402
-from boneage.bundle import write_bundle  # noqa: E402
 from boneage.config import ServeConfig, load_config, parse_section, to_dict  # noqa: E402
-from boneage.model import build_model  # noqa: E402
 from boneage.phantoms.generate import generate_phantoms  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,19 +65,11 @@ def main() -> None:
         print(line)
     write_result("serve_latency", {"requests_per_point": args.requests, "warmup_s": args.warmup_s,
                                    "image_size": args.image_size, "precision": settings.precision,
-                                   "serve_app_args": app_config["args"], "serve_deployment": app_config["deployments"][0],
+                                   "serve_app_args": app_config["args"],
+                                   "serve_deployment": app_config["deployments"][0],
                                    "upload_bytes": len(upload), "results": results, **summary["checks"],
                                    "targets": {"predict_throughput_ratio_c32": 1.5, "p99_over_p50_c8": 2.0,
                                                "explain_over_predict_p50": 2.5}})
-
-
-def demo_like_bundle(folder: Path, image_size: int) -> Path:
-    cfg = load_config(ROOT / "configs" / "demo.yaml").model
-    torch.manual_seed(0)
-    model = build_model(cfg, image_size).eval()
-    meta = {"name": "bench", "model": to_dict(cfg), "image_size": image_size, "target": {"mean": 120.0, "std": 40.0},
-            "metrics": {"val_mae": 0.0}, "data": {"manifest_fingerprint": "bench"}}
-    return write_bundle(folder, model.state_dict(), meta)
 
 
 def phantom_png(work: Path) -> bytes:

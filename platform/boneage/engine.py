@@ -23,7 +23,8 @@ from boneage.precision import autocast_for
 
 class TrainStep:
     """One optimisation step: uint8 -> [0, 1], augment on the device, channels_last, bf16 autocast where the
-    hardware computes in bf16 (``train.precision``), L1 on the standardised target, gradient clipping, AdamW, warm-up + cosine learning rate."""
+    hardware computes in bf16 (``train.precision``), L1 on the standardised target, gradient clipping, AdamW,
+    warm-up + cosine learning rate."""
 
     def __init__(self, model: nn.Module, net: BoneAgeNet, cfg: Config, steps_per_epoch: int, target_mean: float,
                  target_std: float, device: torch.device):

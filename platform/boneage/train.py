@@ -3,8 +3,8 @@
 Each worker streams its shard of the prepared Parquet (``get_dataset_shard`` + ``iter_torch_batches`` with
 prefetching), decodes nothing (images are raw uint8), augments on its device with Kornia, and trains a DDP-wrapped
 :class:`~boneage.model.BoneAgeNet` with AdamW, warm-up + cosine learning rate, L1 loss on the standardised
-target and gradient clipping; channels_last, and bf16 autocast on GPUs and AMX CPUs. Nothing in the step loop waits on the device:
-losses and errors accumulate as device tensors, summed across workers once per epoch.
+target and gradient clipping; channels_last, and bf16 autocast on GPUs and AMX CPUs. Nothing in the step loop
+waits on the device: losses and errors accumulate as device tensors, summed across workers once per epoch.
 
 Every epoch reports train loss, val MAE / RMSE in months, images/s per worker and the learning rate, with a
 checkpoint from rank 0; Ray Train keeps the best by val MAE. A killed worker restarts the group from the last
