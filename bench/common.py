@@ -56,6 +56,19 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+def resident_batches(split: dict, batch_size: int, shuffle: bool = True):
+    """Batches of a split held in memory (``boneage.dataset.load_split``), indexed on its own device: shuffled
+    full batches for training, or every row in order (``shuffle=False``) for evaluation."""
+    import torch
+
+    count, device = len(split["image"]), split["image"].device
+    order = torch.randperm(count, device=device) if shuffle else torch.arange(count, device=device)
+    stop = count - count % batch_size if shuffle else count
+    for start in range(0, stop, batch_size):
+        index = order[start:start + batch_size]
+        yield {name: column[index] for name, column in split.items()}
+
+
 def demo_like_bundle(folder: Path, image_size: int) -> Path:
     """A bundle of the demo's architecture (configs/demo.yaml) with seeded random weights: timings do not depend
     on what the weights learned."""

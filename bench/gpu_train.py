@@ -2,6 +2,7 @@
 
     python bench/gpu_train.py                       # on a GPU machine: 224 and 512 px
     python bench/gpu_train.py --device cpu --sizes 64 --steps 3 --batch 4   # a smoke run anywhere
+    python bench/gpu_train.py --sizes --train-on PREPARED --set train.epochs=60   # part 3 only: a real training run
 
 Part 1 needs only PyTorch, torchvision and Kornia (no Ray), so it runs on a bare GPU box: the library's own
 `boneage.engine.TrainStep` (bf16 autocast, channels_last, Kornia augmentation on the device, AdamW) on
@@ -11,6 +12,10 @@ torch's FlopCounterMode) x images/s / the GPU's dense bf16 peak. Target: MFU >= 
 Part 2 (when Ray is installed): a full epoch fed by Ray Data from a prepared Parquet dataset (`--prepared`),
 against the same number of steps on a device-resident batch; the difference is the time the GPU waited on data.
 Target: data wait < 5%. Results: bench/results/gpu_train.json.
+
+Part 3 (`--train-on`, no Ray): a real training run on a prepared dataset (e.g. the RSNA thumbnails) with the settings
+of configs/train.yaml, the splits held on the device and fed to the same `TrainStep`; val MAE every epoch, then the
+test MAE of the best epoch's weights. Results: bench/results/gpu_training_run.json.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import resident_batches, write_result  # noqa: E402
 
-from boneage.config import load_config  # noqa: E402
-from boneage.engine import TrainStep, synchronize  # noqa: E402
+from boneage.config import load_config, to_dict  # noqa: E402
+from boneage.dataset import load_split, read_manifest  # noqa: E402
+from boneage.engine import TrainStep, evaluate, synchronize  # noqa: E402
 from boneage.model import build_model  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s.
@@ -99,7 +105,6 @@ def measure_data_wait(cfg, prepared: Path, batch: int, device: torch.device) -> 
     import ray
 
     from boneage.dataset import read_split
-    from boneage.prepare import read_manifest
     from boneage.train import BoneAgeCollate
 
     ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
@@ -127,16 +132,63 @@ def measure_data_wait(cfg, prepared: Path, batch: int, device: torch.device) -> 
             "data_wait_fraction": wait}
 
 
+def split_mae(model, split: dict, batch_size: int, mean: float, std: float, cfg, device: torch.device) -> float:
+    """Mean absolute error in months over a resident split (one host sync)."""
+    abs_sum, _, count = evaluate(model, resident_batches(split, batch_size, shuffle=False), mean, std, device,
+                                 cfg.train.precision)
+    return (abs_sum / count).item()
+
+
+def train_on(cfg, prepared: Path, device: torch.device) -> dict:
+    """A real training run without Ray: the library's TrainStep over the prepared splits held on the device."""
+    manifest = read_manifest(prepared)
+    size, stats = manifest["image_size"], manifest["label_statistics"]["train"]
+    mean, std, batch_size = stats["boneage_mean"], stats["boneage_std"], cfg.train.batch_size
+    splits = {name: load_split(prepared, name, device) for name in ("train", "val", "test")}
+    torch.manual_seed(cfg.train.seed)
+    net = build_model(cfg.model, size).to(device, memory_format=torch.channels_last)
+    model = torch.compile(net) if cfg.train.compile else net
+    step = TrainStep(model, net, cfg, len(splits["train"]["image"]) // batch_size, mean, std, device)
+    curve, best_mae, best_weights = [], float("inf"), None
+    started = time.perf_counter()
+    for epoch in range(cfg.train.epochs):
+        step.start_epoch(epoch)
+        for batch in resident_batches(splits["train"], batch_size):
+            step(batch)
+        step.recalibrate_batchnorm()
+        curve.append(split_mae(model, splits["val"], 2 * batch_size, mean, std, cfg, device))
+        if curve[-1] < best_mae:
+            best_mae = curve[-1]
+            best_weights = {name: tensor.clone() for name, tensor in net.state_dict().items()}
+        print(f"epoch {epoch + 1}/{cfg.train.epochs}: val MAE {curve[-1]:.2f} months, "
+              f"{time.perf_counter() - started:.0f} s", flush=True)
+    seconds = time.perf_counter() - started
+    net.load_state_dict(best_weights)
+    test_mae = split_mae(net, splits["test"], 2 * batch_size, mean, std, cfg, device)
+    baseline = (splits["val"]["boneage"] - mean).abs().mean().item()
+    print(f"best val MAE {best_mae:.2f} (epoch {curve.index(best_mae) + 1}), its test MAE {test_mae:.2f}; "
+          f"predict-the-mean val MAE {baseline:.2f}; {seconds:.0f} s")
+    return {"prepared": str(prepared), "manifest_fingerprint": manifest["fingerprint"], "image_size": size,
+            "splits": manifest["splits"]["counts"], "epochs": cfg.train.epochs, "val_mae_by_epoch": curve,
+            "best_val_mae": best_mae, "best_epoch": curve.index(best_mae) + 1, "test_mae_at_best": test_mae,
+            "val_mae_mean_baseline": baseline, "train_seconds": seconds,
+            "images_per_s": cfg.train.epochs * len(splits["train"]["image"]) / seconds,
+            "settings": {area: to_dict(getattr(cfg, area)) for area in ("model", "augment", "train")}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 512])
-    parser.add_argument("--batch", type=int, nargs="+", default=[128, 32], help="per size")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[224, 512], help="none: skip part 1")
+    parser.add_argument("--batch", type=int, nargs="+", default=[256, 64], help="per size")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--compile", action="store_true", help="also measure under torch.compile")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak when the GPU is not in the table")
     parser.add_argument("--prepared", type=Path, help="a prepared dataset for the Ray Data epoch (part 2)")
     parser.add_argument("--arch", default="vgg16")
+    parser.add_argument("--train-on", type=Path, help="a prepared dataset for a real training run (part 3)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="part 3: settings over configs/train.yaml, e.g. train.epochs=40")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
@@ -148,6 +200,12 @@ def main() -> None:
     if args.compile:
         runs += [measure_compute(cfg, size, batch, args.steps, device, True, peak)
                  for size, batch in zip(args.sizes, batches)]
+    if args.train_on:
+        train_cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "train.yaml", args.set)
+        write_result("gpu_training_run" if device.type == "cuda" else "gpu_training_run_cpu_smoke",
+                     {"device": str(device), **train_on(train_cfg, args.train_on, device)})
+    if not runs:
+        return
     data_wait = measure_data_wait(cfg, args.prepared, batches[0], device) if args.prepared else None
     write_result("gpu_train" if device.type == "cuda" else "gpu_train_cpu_smoke", {
         "device": str(device), "arch": args.arch, "peak_bf16_tflops": peak, "runs": runs, "data_wait": data_wait,

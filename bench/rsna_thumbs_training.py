@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
 from boneage.config import load_config  # noqa: E402
-from boneage.prepare import prepare_dataset, read_manifest  # noqa: E402
+from boneage.dataset import read_manifest  # noqa: E402
+from boneage.prepare import prepare_dataset  # noqa: E402
 from boneage.train import run_training  # noqa: E402
 
 THUMBS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rsna-thumbs"

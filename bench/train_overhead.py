@@ -16,20 +16,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import resident_batches, write_result  # noqa: E402
 
 from boneage.config import load_config  # noqa: E402
-from boneage.dataset import images_from_column  # noqa: E402
+from boneage.dataset import load_split, read_manifest  # noqa: E402
 from boneage.engine import TrainStep  # noqa: E402
 from boneage.model import build_model  # noqa: E402
 from boneage.phantoms.generate import generate_phantoms  # noqa: E402
-from boneage.prepare import prepare_dataset, read_manifest  # noqa: E402
+from boneage.prepare import prepare_dataset  # noqa: E402
 from boneage.train import run_training  # noqa: E402
 
 
@@ -38,22 +36,17 @@ def plain_loop_images_per_s(cfg, prepared: Path, threads: int) -> float:
     torch.set_num_threads(threads)
     manifest = read_manifest(prepared)
     size, stats = manifest["image_size"], manifest["label_statistics"]["train"]
-    table = pq.read_table(prepared / "train")
-    images = torch.from_numpy(images_from_column(table["image"], size)).unsqueeze(1)
-    ages = torch.from_numpy(table["boneage"].to_numpy().astype(np.float32))
-    male = torch.from_numpy(table["male"].to_numpy().astype(np.float32))
+    train = load_split(prepared, "train")
     batch_size = cfg.train.batch_size
-    steps = len(images) // batch_size
+    steps = len(train["image"]) // batch_size
     model = build_model(cfg.model, size).to(memory_format=torch.channels_last)
     step = TrainStep(model, model, cfg, steps, stats["boneage_mean"], stats["boneage_std"], torch.device("cpu"))
     rate = 0.0
     for epoch in range(2):
         step.start_epoch(epoch)
-        order = torch.randperm(len(images))
         started = time.perf_counter()
-        for i in range(steps):
-            index = order[i * batch_size:(i + 1) * batch_size]
-            step({"image": images[index], "boneage": ages[index], "male": male[index]})
+        for batch in resident_batches(train, batch_size):
+            step(batch)
         step.loss_sum.item()  # wait for the last step
         rate = steps * batch_size / (time.perf_counter() - started)
     return rate

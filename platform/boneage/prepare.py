@@ -36,7 +36,7 @@ from ray.data.datasource import WriteResult
 
 from boneage.artifacts import atomic_directory, code_version, sha256_file, sha256_json, write_json
 from boneage.config import Config, DataConfig, save_config, to_dict
-from boneage.dataset import image_column, quiet_context
+from boneage.dataset import MANIFEST, image_column, quiet_context, read_manifest
 from boneage.errors import JobError
 from boneage.imaging import PREPROCESSING, REJECT_UNDECODABLE, ImageRejected, load_radiograph
 from boneage.rsna import (REJECT_COLUMNS, REJECT_DUPLICATE_ID, LabelsError, LabelTable, read_labels,
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 # Bump when decoding, resizing or the output layout change: older prepared folders are then rebuilt.
 PREPARE_VERSION = 2
-MANIFEST = "manifest.json"
 OUTPUT_COLUMNS = ["id", "image", "boneage", "male", "split"]
 REJECTS = "rejects.csv"
 MIN_DECODE_TASKS = 8
@@ -226,14 +225,6 @@ def label_statistics(table: pd.DataFrame) -> dict[str, float]:
         stats.update(boneage_mean=float(ages.mean()), boneage_std=float(ages.std(ddof=0)),
                      boneage_min=float(ages.min()), boneage_max=float(ages.max()))
     return stats
-
-
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """The manifest of a prepared dataset folder."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a prepared dataset (no {MANIFEST}); run jobs/prepare.py first")
-    return json.loads(path.read_text())
 
 
 def _is_current(out: Path, fingerprint: str) -> bool:

@@ -35,11 +35,10 @@ from boneage.artifacts import atomic_directory, sha256_json
 from boneage.augment import write_preview
 from boneage.bundle import promote_if_better, register, write_bundle
 from boneage.config import Config, config_from_dict, to_dict
-from boneage.dataset import images_from_column, read_split
+from boneage.dataset import images_from_column, read_manifest, read_split
 from boneage.engine import TrainStep, evaluate, synchronize
 from boneage.errors import JobError
 from boneage.model import NUM_BLOCKS, BoneAgeNet, build_model
-from boneage.prepare import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ STATE_FILE = "train_state.pt"
 # Settings that change how a run executes but not what it learns: left out of the derived run name.
 _RUN_NAME_EXCLUDES = {"num_workers", "cpus_per_worker", "use_gpu", "storage_path", "run_name", "max_failures",
                       "keep_checkpoints", "prefetch_batches", "threads_per_worker", "cache_dataset",
-                      "placement_strategy"}
+                      "placement_strategy", "compile"}
 
 
 class NonFiniteLoss(JobError, RuntimeError):
@@ -103,6 +102,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     net = build_model(cfg.model, image_size).to(memory_format=torch.channels_last)
     freezing = tc.freeze_epochs > 0 or tc.unfreeze_blocks < NUM_BLOCKS
     model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": freezing})
+    if tc.compile:
+        model = torch.compile(model)  # the DDP wrapper too: its optimizer splits graphs at gradient buckets
     steps_per_epoch = max(1, loop_config["train_rows"] // world // tc.batch_size)
     step = TrainStep(model, net, cfg, steps_per_epoch, mean, std, device)
     start_epoch = restore(ray.train.get_checkpoint(), net, step)

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import boneage.prepare as prepare_module
 from boneage.config import load_config
-from boneage.dataset import images_from_column, read_split
-from boneage.prepare import TooManyRejects, prepare_dataset, read_manifest
+from boneage.dataset import images_from_column, load_split, read_manifest, read_split
+from boneage.prepare import TooManyRejects, prepare_dataset
 from helpers import ROOT, data_config
 from images import write_truncated_png
 
@@ -54,6 +55,17 @@ def test_prepare_phantoms(phantom_dir, tmp_path):
         seen |= set(rows["id"])
     assert seen == set(labels.index)  # every row in exactly one split
     assert pd.read_csv(out / "rejects.csv").empty
+
+
+def test_load_split_reads_the_same_rows_as_ray_data_without_ray(prepared_dir):
+    rows = read_split_frame(prepared_dir, "val")
+    tensors = load_split(prepared_dir, "val")
+    assert tensors["image"].shape == (len(rows), 1, 32, 32) and tensors["image"].dtype == torch.uint8
+    assert np.array_equal(tensors["image"][:, 0].numpy(), images_from_column(rows["image"].to_numpy(), 32))
+    assert np.array_equal(tensors["boneage"].numpy(), rows["boneage"].to_numpy().astype(np.float32))
+    assert np.array_equal(tensors["male"].numpy(), rows["male"].to_numpy().astype(np.float32))
+    with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
+        load_split(prepared_dir / "train", "val")
 
 
 def test_rerun_on_unchanged_inputs_reuses_the_output(phantom_dir, tmp_path):

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from boneage.bundle import load_bundle
+from boneage.dataset import read_manifest
 from boneage.train import NonFiniteLoss, run_name, run_training
-from boneage.prepare import read_manifest
 from helpers import ROOT, train_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -75,6 +75,17 @@ def test_the_same_seed_trains_the_same_model(prepared_dir, tmp_path):
             for i in range(2)]
     first, second = (run.final_metrics for run in runs)
     assert first["train_loss"] == second["train_loss"] and first["val_mae"] == second["val_mae"]
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_data_parallel_and_exports_plain_weights(prepared_dir, tmp_path):
+    """train.compile: torch.compile over the DDP-wrapped model; the checkpoint holds the plain module's weights."""
+    outcome = run_training(train_config(prepared_dir, tmp_path, "train.num_workers=2", "train.compile=true"))
+    assert math.isfinite(outcome.metrics["val_mae"]) and math.isfinite(outcome.metrics["train_loss"])
+    bundle = load_bundle(outcome.bundle)  # a strict load: compiled names (_orig_mod.*) would fail it
+    with torch.no_grad():
+        months = bundle.to_months(bundle.model(torch.rand(2, 1, 32, 32), torch.tensor([0.0, 1.0])))
+    assert torch.isfinite(months).all()
 
 
 def train_worker_pids() -> list[int]:

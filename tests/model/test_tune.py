@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from boneage.bundle import read_best, resolve
-from boneage.prepare import read_manifest
+from boneage.dataset import read_manifest
 from boneage.tune import SweepError, parse_search_space, run_sweep, sweep_name, trial_concurrency
 from helpers import ROOT, train_config
 
