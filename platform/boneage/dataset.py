@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 if TYPE_CHECKING:
     import ray.data
+    import torch
 
 MANIFEST = "manifest.json"
 
@@ -65,6 +65,8 @@ def read_split(root: str | Path, split: str) -> ray.data.Dataset:
 def load_split(root: str | Path, split: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """One split read whole, without Ray, as tensors on ``device``: ``image`` (N, 1, S, S) uint8, ``boneage``
     (N,) float32 months, ``male`` (N,) float32. For in-memory loops: benchmarks, and GPU boxes without Ray."""
+    import torch  # here, not at the top: the prepare job and its decode tasks import this module and need no torch
+
     image_size = read_manifest(root)["image_size"]
     table = pq.read_table(Path(root) / split, columns=["image", "boneage", "male"])
     images = images_from_column(table["image"], image_size)

@@ -61,4 +61,3 @@ def test_bf16_answers_stay_within_a_month_of_fp32_and_do_not_depend_on_the_batch
     assert np.abs(bf16 - fp32).max() < 1.0 and not np.array_equal(bf16, fp32)  # bf16 really ran
     singles = [bf16_predictor.predict(c[None], m[None])[0] for c, m in zip(canvases, male)]
     assert bf16 == pytest.approx(singles, abs=1e-4)
-
