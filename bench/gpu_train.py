@@ -156,10 +156,10 @@ def train_on(cfg, prepared: Path, device: torch.device) -> dict:
         for batch in resident_batches(splits["train"], batch_size):
             step(batch)
         step.recalibrate_batchnorm()
-        curve.append(split_mae(model, splits["val"], 2 * batch_size, mean, std, cfg, device))
+        curve.append(split_mae(step.eval_model, splits["val"], 2 * batch_size, mean, std, cfg, device))
         if curve[-1] < best_mae:
             best_mae = curve[-1]
-            best_weights = {name: tensor.clone() for name, tensor in net.state_dict().items()}
+            best_weights = {name: tensor.clone() for name, tensor in step.eval_net.state_dict().items()}
         print(f"epoch {epoch + 1}/{cfg.train.epochs}: val MAE {curve[-1]:.2f} months, "
               f"{time.perf_counter() - started:.0f} s", flush=True)
     seconds = time.perf_counter() - started

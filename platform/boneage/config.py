@@ -129,6 +129,9 @@ class TrainConfig:
     bn_recalibration_batches: int = setting(
         8, low=0, high=100_000, doc="before validating, re-estimate batch-norm statistics from the epoch's last "
                                     "N batches (0: off); steadies early val MAE")
+    ema_epochs: float = setting(
+        0.0, low=0.0, high=1000.0, doc="validate and keep a running average of the weights, with this time constant "
+                                       "in epochs (0: off); steadies val MAE at high learning rates")
     prefetch_batches: int = setting(2, low=0, high=64, doc="batches Ray Data prepares ahead of the step")
     shuffle_buffer: int = setting(512, low=0, high=1_000_000, doc="rows in the local shuffle buffer (0: off)")
     cache_dataset: bool = setting(True, doc="keep the splits in Ray's object store across epochs instead of "
@@ -142,6 +145,11 @@ class TrainConfig:
     run_name: str = setting("", doc="Ray Train run name; empty: derived from the settings, so reruns resume")
     max_failures: int = setting(2, low=-1, high=1000, doc="worker failures to recover from (-1: forever)")
     keep_checkpoints: int = setting(2, low=1, high=1000, doc="best checkpoints kept, by val MAE")
+
+    def validate(self) -> None:
+        if self.ema_epochs and not self.bn_recalibration_batches:
+            raise ConfigError("train.ema_epochs needs train.bn_recalibration_batches > 0: the averaged weights "
+                              "have no batch-norm statistics of their own")
 
 
 @dataclass

@@ -7,6 +7,7 @@ A batch is a dict of tensors on the device: ``image`` (B, 1, S, S) uint8, ``bone
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import deque
 from typing import Iterable
@@ -24,7 +25,8 @@ from boneage.precision import autocast_for
 class TrainStep:
     """One optimisation step: uint8 -> [0, 1], augment on the device, channels_last, bf16 autocast where the
     hardware computes in bf16 (``train.precision``), L1 on the standardised target, gradient clipping, AdamW,
-    warm-up + cosine learning rate."""
+    warm-up + cosine learning rate; optionally a running average of the weights (``train.ema_epochs``), which is
+    then what validation sees and checkpoints keep."""
 
     def __init__(self, model: nn.Module, net: BoneAgeNet, cfg: Config, steps_per_epoch: int, target_mean: float,
                  target_std: float, device: torch.device):
@@ -36,12 +38,25 @@ class TrainStep:
         self.loss_sum = torch.zeros((), device=device)
         self.seen = 0
         self.recent: deque[dict[str, torch.Tensor]] = deque(maxlen=cfg.train.bn_recalibration_batches)
+        ema_steps = cfg.train.ema_epochs * steps_per_epoch
+        self.average = WeightAverage(net, decay=1.0 - 1.0 / max(ema_steps, 1.0)) if ema_steps else None
+
+    @property
+    def eval_net(self) -> BoneAgeNet:
+        """The plain network that is validated, checkpointed and exported: the weight average when on."""
+        return self.average.module if self.average else self.net
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What validation runs: the weight average when on, else the training model (DDP-wrapped, compiled)."""
+        return self.average.module if self.average else self.model
 
     def start_epoch(self, epoch: int) -> None:
         """Apply the freezing schedule and reset the epoch's running loss."""
         tc = self.cfg.train
         trainable = tc.unfreeze_blocks if epoch >= tc.freeze_epochs else 0
-        self.net.freeze_bottom_blocks(NUM_BLOCKS - trainable)
+        for net in {self.net, self.eval_net}:  # one network when there is no weight average
+            net.freeze_bottom_blocks(NUM_BLOCKS - trainable)
         self.active[1:] = [1.0 if block >= NUM_BLOCKS - trainable else 0.0 for block in range(NUM_BLOCKS)]
         self.model.train()
         self.loss_sum.zero_()
@@ -59,19 +74,23 @@ class TrainStep:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        if self.average:
+            self.average.update()
         self.loss_sum += loss.detach() * len(target)  # on the device: no host sync per step
         self.seen += len(target)
         self.recent.append(batch)  # un-augmented, for recalibrate_batchnorm
 
     def recalibrate_batchnorm(self) -> None:
-        """Re-estimate the trainable batch-norm layers' running statistics with the current weights, from the
-        epoch's last ``train.bn_recalibration_batches`` batches, un-augmented like validation images.
+        """Re-estimate the trainable batch-norm layers' running statistics of :attr:`eval_net` with its current
+        weights, from the epoch's last ``train.bn_recalibration_batches`` batches, un-augmented like validation
+        images. The weight average has no statistics of its own: it always needs this.
 
         Why: early in training the weights move faster than the running averages (momentum 0.1) follow, so eval
         mode reads stale statistics and val MAE swings wildly (one epoch at lr 9e-4: 194 months, the next 34),
         which misleads checkpoint selection and ASHA's early stopping. Across workers the statistics are averaged.
         """
-        layers = [layer for layer in self.net.modules()
+        net = self.eval_net.train()
+        layers = [layer for layer in net.modules()
                   if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.training]  # frozen ones: eval
         if not layers or not self.recent:
             return
@@ -81,7 +100,7 @@ class TrainStep:
             layer.momentum = None  # a plain average over the batches
         with torch.no_grad(), self.autocast:
             for batch in self.recent:
-                self.net(to_unit(batch["image"]).contiguous(memory_format=torch.channels_last), batch["male"])
+                net(to_unit(batch["image"]).contiguous(memory_format=torch.channels_last), batch["male"])
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
         self.recent.clear()
@@ -92,11 +111,43 @@ class TrainStep:
                     stats /= torch.distributed.get_world_size()
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """What resuming needs besides :attr:`eval_net`'s weights: the optimizer and scheduler, and with a weight
+        average the trained weights and the average's update count."""
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.average:
+            state.update(trained_weights=self.net.state_dict(), average_updates=self.average.updates)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.average:
+            self.net.load_state_dict(state["trained_weights"])
+            self.average.updates = state["average_updates"]
+
+
+class WeightAverage:
+    """A bias-corrected exponential moving average of a network's weights, kept in a copy of it (``module``).
+
+    Why: at a high learning rate the weights jitter about the valley floor, so one epoch's snapshot scores months
+    better or worse than the next, and checkpoint selection and ASHA's early comparisons rank trials by luck. The
+    average sits near the floor, much as if the learning rate had already decayed, so a high-lr trial is judged
+    by where it is heading. Not torch's ``AveragedModel``: its update reads a device counter on the host, a sync
+    per step.
+    """
+
+    def __init__(self, net: BoneAgeNet, decay: float):
+        self.module = copy.deepcopy(net).requires_grad_(False)
+        self.decay, self.updates = decay, 0
+        self._averaged, self._current = list(self.module.parameters()), list(net.parameters())
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move the average towards the current weights. The k-th update weighs them (1 - d) / (1 - d^k): the
+        first copies them, early ones give a plain mean, and the initial weights never linger in the average."""
+        self.updates += 1
+        weight = (1.0 - self.decay) / (1.0 - self.decay ** self.updates)
+        torch._foreach_lerp_(self._averaged, self._current, weight)
 
 
 def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], mean: float, std: float,

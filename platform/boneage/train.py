@@ -38,7 +38,7 @@ from boneage.config import Config, config_from_dict, to_dict
 from boneage.dataset import images_from_column, read_manifest, read_split
 from boneage.engine import TrainStep, evaluate, synchronize
 from boneage.errors import JobError
-from boneage.model import NUM_BLOCKS, BoneAgeNet, build_model
+from boneage.model import NUM_BLOCKS, build_model
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         model = torch.compile(model)  # the DDP wrapper too: its optimizer splits graphs at gradient buckets
     steps_per_epoch = max(1, loop_config["train_rows"] // world // tc.batch_size)
     step = TrainStep(model, net, cfg, steps_per_epoch, mean, std, device)
-    start_epoch = restore(ray.train.get_checkpoint(), net, step)
+    start_epoch = restore(ray.train.get_checkpoint(), step)
     collate = BoneAgeCollate(image_size)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     nodes = _count_nodes()
@@ -126,7 +126,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         synchronize(device)  # once per epoch, for an honest images/s
         train_seconds = time.perf_counter() - started
         step.recalibrate_batchnorm()
-        val = evaluate(model, val_shard.iter_torch_batches(batch_size=2 * tc.batch_size, collate_fn=collate),
+        val = evaluate(step.eval_model, val_shard.iter_torch_batches(batch_size=2 * tc.batch_size, collate_fn=collate),
                        mean, std, device, tc.precision)
         totals = _sum_over_workers(torch.stack([step.loss_sum, torch.tensor(float(step.seen), device=device),
                                                 *val]))
@@ -142,11 +142,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             return {"stopped": "nonfinite_loss", "epoch": epoch + 1}
         if rank == 0:
             print(format_epoch(metrics, tc.epochs), flush=True)
-        report_with_checkpoint(metrics, net, step, rank, loop_config["local_checkpoint"])
+        report_with_checkpoint(metrics, step, rank, loop_config["local_checkpoint"])
     return {"stopped": "completed", "epoch": tc.epochs}
 
 
-def restore(checkpoint: Checkpoint | None, net: BoneAgeNet, step: TrainStep) -> int:
+def restore(checkpoint: Checkpoint | None, step: TrainStep) -> int:
     """Load a checkpoint's weights and optimizer state; return the epoch to start from (0 without one).
 
     Every worker loads the same checkpoint, so DDP replicas stay identical."""
@@ -155,12 +155,12 @@ def restore(checkpoint: Checkpoint | None, net: BoneAgeNet, step: TrainStep) -> 
     with checkpoint.as_directory() as folder:
         weights = torch.load(Path(folder) / MODEL_FILE, map_location="cpu", weights_only=True)
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
-    net.load_state_dict(weights)
+    step.eval_net.load_state_dict(weights)
     step.load_state_dict(state)
     return int(state["epoch"])
 
 
-def report_with_checkpoint(metrics: dict[str, Any], net: BoneAgeNet, step: TrainStep, rank: int,
+def report_with_checkpoint(metrics: dict[str, Any], step: TrainStep, rank: int,
                            local_folder: str | None) -> None:
     """Every worker reports; rank 0 attaches the checkpoint (weights, optimizer, scheduler, epoch).
 
@@ -168,19 +168,20 @@ def report_with_checkpoint(metrics: dict[str, Any], net: BoneAgeNet, step: Train
     ``local_folder`` (replaced atomically each epoch) and reported from there."""
     if local_folder:
         with atomic_directory(local_folder) as folder:
-            save_checkpoint(Path(folder), metrics["epoch"], net, step)
+            save_checkpoint(Path(folder), metrics["epoch"], step)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(local_folder))
         return
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:
-            save_checkpoint(Path(folder), metrics["epoch"], net, step)
+            save_checkpoint(Path(folder), metrics["epoch"], step)
             checkpoint = Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def save_checkpoint(folder: Path, epoch: int, net: BoneAgeNet, step: TrainStep) -> None:
-    torch.save(net.state_dict(), folder / MODEL_FILE)
+def save_checkpoint(folder: Path, epoch: int, step: TrainStep) -> None:
+    """The validated weights (the bundle's), and the training state."""
+    torch.save(step.eval_net.state_dict(), folder / MODEL_FILE)
     torch.save({**step.state_dict(), "epoch": epoch}, folder / STATE_FILE)
 
 

@@ -59,6 +59,11 @@ def test_bad_keys_and_values_name_the_key_and_what_is_allowed(override, words):
         assert word in str(err.value)
 
 
+def test_a_weight_average_without_batchnorm_recalibration_is_rejected():
+    with pytest.raises(ConfigError, match="train.ema_epochs needs train.bn_recalibration_batches > 0"):
+        load_config(overrides=["train.ema_epochs=0.5", "train.bn_recalibration_batches=0"])
+
+
 def test_bad_yaml_files_are_reported(tmp_path):
     missing = tmp_path / "missing.yaml"
     with pytest.raises(ConfigError, match="does not exist"):

@@ -1,4 +1,4 @@
-"""The training step without Ray: batch-norm recalibration before validation, and bf16 steps."""
+"""The training step without Ray: batch-norm recalibration before validation, the weight average, bf16 steps."""
 
 import copy
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from boneage.config import load_config
-from boneage.engine import TrainStep, to_unit
+from boneage.engine import TrainStep, WeightAverage, to_unit
 from boneage.model import build_model
 
 SIZE = 32
@@ -36,13 +36,13 @@ def eval_and_train_mode_outputs(net, images):
         return net.eval()(to_unit(images["image"]), images["male"]), training
 
 
-def test_recalibration_makes_eval_mode_read_the_current_weights_statistics():
-    step, net = make_step("train.bn_recalibration_batches=1", "train.precision=fp32")
+@pytest.mark.parametrize("ema", ["train.ema_epochs=0", "train.ema_epochs=0.5"])
+def test_recalibration_makes_eval_mode_read_the_current_weights_statistics(ema):
+    step, _ = make_step("train.bn_recalibration_batches=1", "train.precision=fp32", ema)
     for seed in range(4):
         step(batch(seed))  # a high learning rate: the running averages lag the weights
-    last = batch(3)
+    last, net = batch(3), step.eval_net  # the weight average has no statistics of its own until recalibrated
     stale, truth = eval_and_train_mode_outputs(net, last)
-    net.train()
     step.recalibrate_batchnorm()
     recalibrated, truth = eval_and_train_mode_outputs(net, last)
     # One batch: the running statistics are that batch's (the variance unbiased, hence not exact), so eval mode
@@ -86,3 +86,52 @@ def test_a_step_in_each_precision_learns(precision):
     step.start_epoch(1)
     step(data)
     assert step.loss_sum.item() < first  # the same batch, fitted better
+
+
+def test_weight_average_copies_then_averages_without_leaning_on_the_start():
+    net = torch.nn.Linear(1, 1, bias=False)
+    average = WeightAverage(net, decay=0.5)
+    seen = []
+    for value in (1.0, 3.0, 5.0):
+        net.weight.data.fill_(value)
+        average.update()
+        seen.append(average.module.weight.item())
+    # Bias-corrected EMA, d = 0.5: weights (1 - d) d^(k - i) / (1 - d^k) -> 1; (1 + 2 * 3) / 3; (1 + 2 * 3 + 4 * 5) / 7
+    assert seen == pytest.approx([1.0, 7 / 3, 27 / 7])
+    assert net.weight.item() == 5.0 and not average.module.weight.requires_grad
+
+
+def train_steps(step, seeds):
+    for seed in seeds:
+        torch.manual_seed(seed)  # the same augmentations
+        step(batch(seed))
+
+
+def test_weight_average_is_validated_and_leaves_training_alone():
+    plain, plain_net = make_step("train.precision=fp32")
+    averaged, averaged_net = make_step("train.precision=fp32", "train.ema_epochs=1")
+    train_steps(plain, range(3))
+    train_steps(averaged, range(3))
+    assert averaged.eval_net is not averaged_net and averaged.eval_model is averaged.eval_net
+    assert plain.eval_net is plain_net
+    trained, average = averaged_net.state_dict(), averaged.eval_net.state_dict()
+    assert all(torch.equal(plain_net.state_dict()[k], v) for k, v in trained.items())  # the same training
+    assert not torch.equal(average["head.1.weight"], trained["head.1.weight"])
+
+
+def test_weight_average_resumes_where_it_left_off():
+    """A checkpoint holds the average as the model weights, the trained weights and the update count in the
+    training state: a restored step continues exactly as the original one."""
+    original, _ = make_step("train.precision=fp32", "train.ema_epochs=1")
+    train_steps(original, range(2))
+    weights, state = copy.deepcopy(original.eval_net.state_dict()), copy.deepcopy(original.state_dict())
+    restored, _ = make_step("train.precision=fp32", "train.ema_epochs=1")
+    restored.eval_net.load_state_dict(weights)
+    restored.load_state_dict(state)
+    assert restored.average.updates == 2
+    train_steps(original, [5])
+    train_steps(restored, [5])
+    for name, tensor in original.eval_net.state_dict().items():
+        assert torch.allclose(restored.eval_net.state_dict()[name], tensor), name
+    for name, tensor in original.net.state_dict().items():
+        assert torch.allclose(restored.net.state_dict()[name], tensor), name

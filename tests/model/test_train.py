@@ -1,4 +1,5 @@
-"""Ray Train: local mode, 2 workers, a killed worker, a killed and resubmitted driver, NaN loss, the bundle."""
+"""Ray Train: local mode, 2 workers, a killed worker, a killed and resubmitted driver, NaN loss, the bundle,
+the weight average."""
 
 import math
 import os
@@ -53,6 +54,21 @@ def test_local_mode_trains_and_exports_a_loadable_bundle(prepared_dir, tmp_path)
         months = bundle.to_months(bundle.model(torch.rand(2, 1, 32, 32), torch.tensor([0.0, 1.0])))
     assert torch.isfinite(months).all()
     assert outcome.bundle.parent.parent == tmp_path / "registry"
+
+
+def test_weight_average_is_what_the_checkpoint_and_bundle_keep(prepared_dir, tmp_path):
+    """train.ema_epochs: validation scores the average, the bundle holds it, and the checkpoint's training state
+    keeps the trained weights for resuming."""
+    outcome = run_training(train_config(prepared_dir, tmp_path, "train.num_workers=0", "train.ema_epochs=0.5",
+                                        "train.epochs=2"))
+    assert math.isfinite(outcome.metrics["val_mae"])
+    bundle = load_bundle(outcome.bundle)
+    checkpoint = Path(bundle.meta["checkpoint"])
+    state = torch.load(checkpoint / "train_state.pt", weights_only=True)
+    averaged = torch.load(outcome.bundle / "model.pt", weights_only=True)
+    assert state["average_updates"] > 0
+    assert averaged.keys() == state["trained_weights"].keys()
+    assert not torch.equal(averaged["head.1.weight"], state["trained_weights"]["head.1.weight"])
 
 
 def test_two_workers_train_data_parallel(prepared_dir, tmp_path):
