@@ -1,9 +1,11 @@
 """Kornia augmentations do what their Keras-named settings say."""
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from boneage.augment import build_augmentation
+from boneage.augment import build_augmentation, write_preview
 from boneage.config import load_config
 
 NEUTRAL = ["augment.rotation_range=0", "augment.width_shift_range=0", "augment.height_shift_range=0",
@@ -71,14 +73,10 @@ def test_shift_moves_content_by_up_to_the_fraction():
 
 
 def test_preview_grid_shows_originals_above_augmented_rows(tmp_path):
-    from PIL import Image
-
-    from boneage.augment import write_preview
-
     images = (batch(5, 32) * 255).to(torch.uint8)
     cfg = load_config(overrides=["augment.horizontal_flip=true"]).augment
     path = write_preview(images, cfg, tmp_path / "grid.png", variants=3)
-    grid = torch.from_numpy(__import__("numpy").asarray(Image.open(path).convert("L")))
+    grid = torch.from_numpy(np.array(Image.open(path).convert("L")))  # a writable copy
     assert grid.shape == (2 + 4 * 34, 2 + 5 * 34)  # 4 rows (original + 3 variants) of 5 images, 2 px borders
     first = grid[2:34, 2:34]
     assert torch.equal(first, images[0, 0])  # the top row is the untouched image
