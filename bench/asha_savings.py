@@ -1,6 +1,7 @@
 """Benchmark the compute ASHA saves: the same sweep with early stopping and with every trial run to the end.
 
     python bench/asha_savings.py [--trials 16] [--max-epochs 10] [--grace-period 2] [--reduction-factor 3]
+                                 [--phantoms 900] [--pretrain-epochs 8]
 
 Both sweeps draw the same trials (same sampler seed) on the same phantoms; one schedules them with ASHA
 (--grace-period, --reduction-factor), the other runs each to --max-epochs. Reported: trial-epochs spent by each,
@@ -64,8 +65,8 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=10)
     parser.add_argument("--grace-period", type=int, default=2)
     parser.add_argument("--reduction-factor", type=int, default=3)
-    # 900 phantoms: 630 training images, enough per epoch that the grace period ends after learning has begun
-    # (with 600, every trial sat at the predict-the-mean baseline for two epochs and the first rung ranked noise).
+    # 900 phantoms: 630 training images per epoch. From random weights (--pretrain-epochs 0) that is just enough
+    # for learning to show by the grace period; with 600, every trial sat at the baseline for two epochs.
     parser.add_argument("--phantoms", type=int, default=900)
     parser.add_argument("--pretrain-epochs", type=int, default=8)
     args = parser.parse_args()

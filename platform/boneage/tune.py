@@ -231,8 +231,12 @@ def write_leaderboard(table: pd.DataFrame, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_file(folder / "leaderboard.csv") as tmp:
         table.to_csv(tmp, index=False)
+    shown = table.drop(columns="error")
+    # Text columns stay text: tabulate would read a trial id such as 09960_00001 as a number (Python's float()
+    # allows underscores) and a one-epoch val MAE history as a float.
+    text_columns = [i for i, column in enumerate(shown.columns) if not pd.api.types.is_numeric_dtype(shown[column])]
     with atomic_file(folder / "leaderboard.md") as tmp:
-        tmp.write_text(table.drop(columns="error").to_markdown(index=False, floatfmt=".4g") + "\n")
+        tmp.write_text(shown.to_markdown(index=False, floatfmt=".4g", disable_numparse=text_columns) + "\n")
     return folder / "leaderboard.csv"
 
 

@@ -14,7 +14,8 @@ import ray
 
 from boneage.bundle import read_best, resolve
 from boneage.dataset import read_manifest
-from boneage.tune import SweepError, parse_search_space, run_sweep, sweep_name, trial_concurrency
+from boneage.tune import (SweepError, parse_search_space, run_sweep, sweep_name, trial_concurrency,
+                          write_leaderboard)
 from helpers import ROOT, train_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -178,3 +179,15 @@ def test_concurrency_follows_the_cluster(tmp_path):
     assert trial_concurrency(gpu, {"CPU": 64.0, "GPU": 3.0}) == 3
     with pytest.raises(SweepError, match="1 GPUs"):
         trial_concurrency(gpu, {"CPU": 64.0})
+
+
+def test_leaderboard_markdown_keeps_trial_ids_and_histories_as_text(tmp_path):
+    """Trial ids are hex: 09960_00001 or 3e4_00002 read as numbers to Python's float(), underscores and all."""
+    table = pd.DataFrame({"trial": ["09960_00001", "3e4_00002"], "train.lr": [3.2968e-4, 1.9516e-3],
+                          "best_val_mae": [25.551, 29.852], "val_mae": ["25.6", "29.9"], "error": ["", "boom"]})
+    write_leaderboard(table, tmp_path)
+    header, rule, first, second = (tmp_path / "leaderboard.md").read_text().splitlines()
+    assert header.startswith("| trial ") and rule.startswith("|:---")  # text: left-aligned
+    assert [cell.strip() for cell in first.strip("|").split("|")] == ["09960_00001", "0.0003297", "25.55", "25.6"]
+    assert second.startswith("| 3e4_00002 ")
+    assert "boom" not in second and pd.read_csv(tmp_path / "leaderboard.csv")["error"].tolist()[1] == "boom"
