@@ -48,6 +48,16 @@ def images_from_column(values, image_size: int) -> np.ndarray:
     return flat.reshape(len(values), image_size, image_size)
 
 
+def batch_tensors(columns, image_size: int) -> dict[str, torch.Tensor]:
+    """Rows of a prepared split (``image``, ``boneage``, ``male`` columns: numpy or Arrow) -> the batch layout the
+    training step takes: image (N, 1, S, S) uint8, boneage (N,) float32 months, male (N,) float32."""
+    import torch  # here, not at the top: the prepare job and its decode tasks import this module and need no torch
+
+    return {"image": torch.from_numpy(images_from_column(columns["image"], image_size)).unsqueeze(1),
+            "boneage": torch.from_numpy(np.asarray(columns["boneage"]).astype(np.float32)),  # a writable copy
+            "male": torch.from_numpy(np.asarray(columns["male"]).astype(np.float32))}
+
+
 def read_split(root: str | Path, split: str) -> ray.data.Dataset:
     """One split (``train``, ``val``, ``test`` or ``unlabeled``) of a prepared dataset as a Ray Dataset."""
     import ray.data  # here, not at the top: the column helpers above also run where Ray is not installed
@@ -65,15 +75,10 @@ def read_split(root: str | Path, split: str) -> ray.data.Dataset:
 def load_split(root: str | Path, split: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """One split read whole, without Ray, as tensors on ``device``: ``image`` (N, 1, S, S) uint8, ``boneage``
     (N,) float32 months, ``male`` (N,) float32. For in-memory loops: benchmarks, and GPU boxes without Ray."""
-    import torch  # here, not at the top: the prepare job and its decode tasks import this module and need no torch
-
-    image_size = read_manifest(root)["image_size"]
+    image_size = read_manifest(root)["image_size"]  # first: a folder that is not a prepared dataset says so
     table = pq.read_table(Path(root) / split, columns=["image", "boneage", "male"])
-    images = images_from_column(table["image"], image_size)
-    columns = {"image": torch.from_numpy(images).unsqueeze(1),
-               "boneage": torch.from_numpy(table["boneage"].to_numpy().astype(np.float32)),
-               "male": torch.from_numpy(table["male"].to_numpy().astype(np.float32))}
-    return {name: tensor.to(device) for name, tensor in columns.items()}
+    batch = batch_tensors(table, image_size)
+    return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
 def quiet_context() -> ray.data.DataContext:

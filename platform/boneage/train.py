@@ -35,7 +35,7 @@ from boneage.artifacts import atomic_directory, sha256_json
 from boneage.augment import write_preview
 from boneage.bundle import promote_if_better, register, write_bundle
 from boneage.config import Config, config_from_dict, to_dict
-from boneage.dataset import images_from_column, read_manifest, read_split
+from boneage.dataset import batch_tensors, read_manifest, read_split
 from boneage.engine import TrainStep, evaluate, synchronize
 from boneage.errors import JobError
 from boneage.model import NUM_BLOCKS, build_model
@@ -77,10 +77,7 @@ class BoneAgeCollate(NumpyBatchCollateFn):
         self.image_size = image_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        images = images_from_column(batch["image"], self.image_size)
-        return {"image": torch.from_numpy(images).unsqueeze(1),
-                "boneage": torch.from_numpy(batch["boneage"].astype(np.float32)),
-                "male": torch.from_numpy(batch["male"].astype(np.float32))}
+        return batch_tensors(batch, self.image_size)
 
 
 # ---------------------------------------------------------------- the worker side
