@@ -71,11 +71,10 @@ def main() -> None:
             ran = epochs_run(curves, order, grace, factor, args.concurrency, max_epochs)
             kept.append(ran[winner] >= best_epoch)
             savings.append(len(names) * max_epochs / sum(ran.values()))
-        results[f"grace {grace}, factor {factor}"] = {
-            "same_best": float(np.mean(kept)), "savings_median": float(np.median(savings)),
-            "savings_min": float(min(savings)),
-            "same_best_and_2x": float(np.mean([k and s >= 2.0 for k, s in zip(kept, savings)]))}
-        row = results[f"grace {grace}, factor {factor}"]
+        row = {"same_best": float(np.mean(kept)), "savings_median": float(np.median(savings)),
+               "savings_min": float(min(savings)),
+               "same_best_and_2x": float(np.mean([k and s >= 2.0 for k, s in zip(kept, savings)]))}
+        results[f"grace {grace}, factor {factor}"] = row
         print(f"grace {grace}, factor {factor}: same best in {row['same_best']:.1%} of orders, savings median "
               f"{row['savings_median']:.2f}x (min {row['savings_min']:.2f}x), both at once {row['same_best_and_2x']:.1%}")
     write_result("asha_replay", {"source": source["when"], "pretrain_epochs": source.get("pretrain_epochs", 0),
