@@ -1,30 +1,58 @@
-"""Session fixtures: one Ray runtime, the real RSNA samples, a small phantom set."""
+"""Session fixtures: one isolated Ray runtime, the real RSNA samples, a small phantom set; and a session-end check
+that the tests left no process behind."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from boneage.config import load_config
-from helpers import FULLSIZE, THUMBS, require
+from helpers import FULLSIZE, THUMBS, free_port, processes_mentioning, require
+
+@pytest.fixture(scope="session")
+def session_temp() -> Path:
+    """Where every Ray cluster the tests start keeps its files (short: Ray's socket paths must stay under 108
+    characters), so the session-end check finds whatever they left running and a user's cluster is never touched."""
+    return SESSION_TEMP
+
+
+SESSION_TEMP = Path(tempfile.mkdtemp(prefix="bt-", dir="/tmp"))
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """A small local Ray runtime for the whole session (4 logical CPUs on 2 cores leaves room for Ray Data)."""
+def ray_session(session_temp):
+    """A small local Ray runtime of the session's own (4 logical CPUs on 2 cores leaves room for Ray Data).
+
+    ``address="local"`` starts a new one even while a user's cluster runs on this machine, with its own temp dir
+    and ports; RAY_ADDRESS then points Ray's auto-discovery (Ray Train's cleanup helpers, job subprocesses) here."""
     import ray
     from ray.data import DataContext
 
-    refuse_other_ray_clusters()
-
     # The dashboard serves the State API, which Ray Train uses to clean up after stopped trials.
-    context = ray.init(num_cpus=4, object_store_memory=400 * 1024 * 1024, include_dashboard=True,
-                       log_to_driver=False)
+    context = ray.init(address="local", num_cpus=4, object_store_memory=400 * 1024 * 1024, include_dashboard=True,
+                       dashboard_port=free_port(), log_to_driver=False, _temp_dir=str(session_temp / "ray"))
+    os.environ["RAY_ADDRESS"] = context.address_info["address"]
     DataContext.get_current().enable_progress_bars = False
     ray.test_dashboard_url = f"http://{context.dashboard_url}"  # for CLI clients such as `serve deploy`
     yield ray
     ray.shutdown()
+    os.environ.pop("RAY_ADDRESS", None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind():
+    """After the last test: nothing the session started may still run (its Ray clusters, servers, jobs)."""
+    yield
+    deadline = time.monotonic() + 30  # Ray's processes take a few seconds to exit after shutdown
+    while (left := processes_mentioning(str(SESSION_TEMP))) and time.monotonic() < deadline:
+        time.sleep(1)
+    shutil.rmtree(SESSION_TEMP, ignore_errors=True)
+    assert not left, f"the tests left processes running: {left}"
 
 
 @pytest.fixture
@@ -55,14 +83,3 @@ def prepared_dir(phantom_dir, ray_session, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("prepared") / "phantoms-32"
     return prepare_dataset(data_config(phantom_dir / "boneage-training-dataset.csv", phantom_dir, out))
-
-
-def refuse_other_ray_clusters() -> None:
-    """Stop the run when another Ray cluster runs on this machine (e.g. the demo's): Ray Train finds its cleanup
-    helpers' cluster by auto-discovery, which fails when there are two, and stopped trials then keep their CPUs."""
-    import psutil
-
-    running = [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "gcs_server"]
-    if running:
-        pytest.exit(f"another Ray cluster is running on this machine (gcs_server pid {running[0]}); stop it with "
-                    "`ray stop` (or `make demo`'s instructions) before running the tests", returncode=2)

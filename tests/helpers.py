@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,39 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 THUMBS = SHARED_DATA / "rsna-thumbs"
 FULLSIZE = SHARED_DATA / "rsna-fullsize"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def processes_mentioning(marker: str) -> list[str]:
+    """``pid: command line`` of every running process whose command line contains ``marker`` (a temp dir)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
+        except OSError:
+            continue  # exited meanwhile
+        if marker.encode() in cmdline and int(entry.name) != os.getpid():
+            command = cmdline.replace(b"\0", b" ").decode(errors="replace")
+            found.append(f"{entry.name}: {command[:200]}")
+    return found
+
+
+def stop_processes_mentioning(marker: str) -> None:
+    """Stop the processes of one cluster the tests started (their command lines name its temp dir). `ray stop`
+    would also stop the session's own Ray and any cluster of the user's."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for line in processes_mentioning(marker):
+            try:
+                os.kill(int(line.split(":", 1)[0]), sig)
+            except ProcessLookupError:
+                continue
+        time.sleep(2)
 
 
 def require(path: Path) -> Path:

@@ -2,24 +2,15 @@
 resources, and the training job submitted with `ray job submit --working-dir .` exactly as the README says."""
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, free_port, stop_processes_mentioning
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ray_cli(env: dict, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -34,13 +25,13 @@ def node_ports() -> list[str]:
 
 
 @pytest.fixture
-def two_node_cluster(tmp_path):
+def two_node_cluster(session_temp):
     """Start a head (2 CPUs) and a worker node (2 CPUs) from the project's venv; yield (env, dashboard URL)."""
     venv_bin = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = free_port(), free_port()
-    temp_dir = f"/tmp/ray-two-node-{os.getpid()}"
+    temp_dir = str(session_temp / "two-node")
     head = ray_cli(env, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
                    f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
                    f"--temp-dir={temp_dir}", "--disable-usage-stats", *node_ports())
@@ -52,19 +43,6 @@ def two_node_cluster(tmp_path):
         yield env, f"http://127.0.0.1:{dashboard}"
     finally:
         stop_processes_mentioning(temp_dir)
-
-
-def stop_processes_mentioning(marker: str) -> None:
-    """Stop this cluster's processes only (their command lines name its temp dir). `ray stop` would also stop
-    the test session's own Ray, and with it the pytest process connected to it."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for entry in Path("/proc").iterdir():
-            try:
-                if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
-                    os.kill(int(entry.name), sig)
-            except (OSError, ProcessLookupError):
-                continue
-        time.sleep(2)
 
 
 def test_job_submit_trains_on_two_nodes(two_node_cluster, prepared_dir, tmp_path):

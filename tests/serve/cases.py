@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +14,6 @@ from images import gradient, write_bomb_png, write_dicom, write_truncated_png
 
 AGE_FIELD = "chronological_age_months"
 APP = "boneage"  # the Serve application most tests talk to
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_settings(registry: Path, *extra: str):

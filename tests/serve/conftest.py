@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from boneage.bundle import register
-from cases import APP, deploy, free_port, serve_settings
-from helpers import make_bundle
+from cases import APP, deploy, serve_settings
+from helpers import free_port, make_bundle
 
 
 @pytest.fixture(scope="session")
