@@ -1,6 +1,6 @@
 """Benchmark the prepare job against plain single-process PIL, on the real RSNA samples (issue 2).
 
-    python bench/prepare_throughput.py [--fullsize-repeats 64] [--runs 3]
+    python bench/prepare_throughput.py [--fullsize-repeats 64] [--runs 3] [--data DIR]
 
 1. Prepare throughput (images/s): ``jobs/prepare.py``'s library call (labels, validation, Ray Data decode and
    resize on every CPU, Parquet write, manifest) against a loop calling the same decode+resize function in one
@@ -8,8 +8,9 @@
 2. One training epoch (the train split) read back from the prepared Parquet through Ray Data, images as uint8
    arrays, against decoding the same PNGs again. Target: at least 20x.
 
-Both run on the 32 full-size radiographs (repeated through symlinks to a realistic count, since 32 images take
-less time than Ray's start-up) and on the 10,000 thumbnails. The first prepare run is reported apart ("cold":
+Both run on the 32 full-size radiographs (repeated through symlinks to a realistic count, since 32 images take less
+time than Ray's start-up) and on the 10,000 thumbnails: the real RSNA samples that sit beside the project in CI
+(../shared/data; a clone lacks them, --data names another copy). The first prepare run is reported apart ("cold":
 Ray starts its worker processes); the ratio uses the median of the warm runs. Results: bench/results/prepare.json.
 """
 
@@ -39,9 +40,9 @@ from boneage.rsna import read_labels  # noqa: E402
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def repeated_fullsize(folder: Path, repeats: int) -> tuple[Path, Path]:
+def repeated_fullsize(folder: Path, repeats: int, data: Path) -> tuple[Path, Path]:
     """The 32 full-size PNGs, each linked ``repeats`` times under new ids: a realistic number of files."""
-    source = DATA / "rsna-fullsize"
+    source = data / "rsna-fullsize"
     labels = pd.read_csv(source / "train.csv", dtype=str)
     rows = []
     for k in range(repeats):
@@ -110,18 +111,20 @@ def main() -> None:
     parser.add_argument("--fullsize-size", type=int, default=256)
     parser.add_argument("--thumbs-size", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--data", type=Path, default=DATA, help=f"the RSNA samples (default: {DATA})")
     args = parser.parse_args()
-    if not DATA.is_dir():
-        sys.exit(f"the real RSNA samples are not at {DATA}")
+    if not (args.data / "rsna-fullsize").is_dir() or not (args.data / "rsna-thumbs").is_dir():
+        sys.exit(f"the real RSNA samples are not at {args.data}: pass --data DIR, a folder holding rsna-fullsize/ "
+                 f"(train.csv, boneage-training-dataset/<id>.png) and rsna-thumbs/")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         links = work / "fullsize-links"
         links.mkdir()
-        labels, images = repeated_fullsize(links, args.fullsize_repeats)
+        labels, images = repeated_fullsize(links, args.fullsize_repeats, args.data)
         fullsize = measure("fullsize", labels, images, args.fullsize_size, args.runs, work)
-        thumbs_dir = DATA / "rsna-thumbs"
+        thumbs_dir = args.data / "rsna-thumbs"
         thumbs = measure("thumbs", thumbs_dir / "boneage-training-dataset.csv", thumbs_dir, args.thumbs_size,
                          args.runs, work)
     ray.shutdown()

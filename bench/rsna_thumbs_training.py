@@ -1,11 +1,12 @@
 """A real-data training run: VGG16 on the 10,000 real RSNA thumbnails, against the predict-the-mean baseline.
 
-    python bench/rsna_thumbs_training.py [--epochs 4] [--image-size 64]
+    python bench/rsna_thumbs_training.py [--epochs 4] [--image-size 64] [--data DIR]
 
-Prepares ../shared/data/rsna-thumbs (100x100 squashed originals) at --image-size, trains with the demo's
-CPU settings (configs/demo.yaml) through the same `jobs/train.py` library call, and records the best val MAE, the
-baseline and the time in bench/results/rsna_thumbs_training.json. On 2 CPU cores this is slow: about 2 minutes
-per epoch at 64 px in bf16 (AMX), 4 in fp32. A GPU run of the same data: bench/gpu_train.py --train-on.
+Prepares the thumbnails (100x100 squashed originals; beside the project in CI, ../shared/data/rsna-thumbs, not in a
+clone: --data names any RSNA training folder instead) at --image-size, trains with the demo's CPU settings
+(configs/demo.yaml) through the same `jobs/train.py` library call, and records the best val MAE, the baseline and
+the time in bench/results/rsna_thumbs_training.json. On 2 CPU cores this is slow: about 2 minutes per epoch at 64 px
+in bf16 (AMX), 4 in fp32. A GPU run of the same data: bench/gpu_train.py --train-on.
 """
 
 from __future__ import annotations
@@ -33,12 +34,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/rsna-thumbs"))
+    parser.add_argument("--data", type=Path, default=THUMBS, help=f"RSNA training folder (default: {THUMBS})")
     args = parser.parse_args()
-    if not THUMBS.is_dir():
-        sys.exit(f"the real RSNA thumbnails are not at {THUMBS}")
+    labels = args.data / "boneage-training-dataset.csv"
+    if not labels.is_file():
+        sys.exit(f"no RSNA training labels at {labels}: pass --data DIR, a folder holding "
+                 f"boneage-training-dataset.csv and its images (the Kaggle download's layout)")
     ray.init(num_cpus=4, include_dashboard=False)  # logical CPUs beyond the cores leave Ray Data room to read
     cfg = load_config("configs/demo.yaml", [
-        f"data.labels={THUMBS / 'boneage-training-dataset.csv'}", f"data.images={THUMBS}",
+        f"data.labels={labels}", f"data.images={args.data}",
         f"data.out={args.out / f'prepared-{args.image_size}'}", f"data.image_size={args.image_size}",
         f"train.epochs={args.epochs}", f"train.storage_path={args.out / 'ray_results'}",
         f"registry.root={args.out / 'registry'}", "registry.name=boneage-vgg16-rsna-thumbs"])
@@ -51,7 +55,8 @@ def main() -> None:
           f"({outcome.metrics['val_mae'] / outcome.baseline_mae:.2f} of it) after {args.epochs} epochs, "
           f"{seconds / 60:.1f} min")
     write_result("rsna_thumbs_training", {
-        "data": "rsna-thumbs: 10,000 real RSNA training images squashed to 100x100", "splits": counts,
+        "data": "rsna-thumbs: 10,000 real RSNA training images squashed to 100x100" if args.data == THUMBS
+        else str(args.data), "splits": counts,
         "image_size": args.image_size, "epochs": args.epochs, "model": "vgg16_bn, random init, avg pool, head [256]",
         "best_epoch_metrics": outcome.metrics, "val_mae_mean_baseline": outcome.baseline_mae,
         "ratio_to_baseline": outcome.metrics["val_mae"] / outcome.baseline_mae, "train_seconds": seconds,

@@ -1,9 +1,9 @@
 """Write a PNG grid of augmented training images, to check the augmentation settings by eye.
 
-    python jobs/preview_augment.py --config configs/demo.yaml [--out preview.png] [--set augment.zoom_range=0.2]
+    python jobs/preview_augment.py --config configs/demo.yaml [--set augment.zoom_range=0.2] [--out PNG]
 
-The first row shows training images from the prepared dataset (data.out) as they are; each row below, one random
-augmentation of each.
+It writes outputs/augment-preview.png (augment.preview_path) unless --out names another file. The first row shows
+training images from the prepared dataset (data.out) as they are; each row below, one random augmentation of each.
 """
 
 from boneage.cli import parse_job_args, run_job

@@ -1,9 +1,10 @@
 """How a hand's bones look at a given bone age: appearance, growth and fusion of ossification centres.
 
-Ages are in months of *bone age*. Event ages follow ``shared/reference/hand-ossification.md`` (after Greulich &
-Pyle): each structure has a boys' and a girls' age; girls mature 1-2 years earlier. Every function here is a
-deterministic function of (bone age, sex): the phantom's maturity is its true bone age, so the only noise between
-image and label is the rater noise added to the label.
+Ages are in months of *bone age*. Event ages follow the order and typical ages of the Greulich & Pyle atlas
+(Greulich W. W., Pyle S. I., *Radiographic Atlas of Skeletal Development of the Hand and Wrist*, 2nd ed., Stanford
+University Press, 1959): each structure has a boys' and a girls' age; girls mature 1-2 years earlier. Every function
+here is a deterministic function of (bone age, sex): the phantom's maturity is its true bone age, so the only noise
+between image and label is the rater noise added to the label.
 """
 
 from __future__ import annotations
