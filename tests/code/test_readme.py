@@ -9,9 +9,10 @@ comment that GitHub does not show:
 A block without one fails ``test_every_snippet_is_marked``, so whoever adds a block decides. Blocks marked ``run``
 execute for real (bash -e, or python), each in the same temporary copy of the project, whose ``outputs/`` holds
 what ``make demo`` leaves there, in miniature (``project`` below): the phantoms, their 64 px prepared dataset, and
-a registered ``boneage-vgg16:best``. ``python`` is the interpreter running the tests, with the library it imports.
-Only SUBSTITUTIONS change a block before it runs. A run block must exit 0, print the line EXPECTED_OUTPUT gives
-for each command it runs, and write nothing outside ``outputs/``.
+a registered ``boneage-vgg16:best``. ``python`` is the interpreter running the tests, with the library it imports,
+and a job's Ray is a local one of its own, as on a machine without a cluster. Only SUBSTITUTIONS change a block
+before it runs. A run block must exit 0, print the line EXPECTED_OUTPUT gives for each command it runs, and write
+nothing outside ``outputs/``. Running them is slow (each job starts Python, Torch and Ray); the marker check is not.
 """
 
 from __future__ import annotations
