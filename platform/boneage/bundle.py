@@ -86,8 +86,34 @@ def load_bundle(path: str | Path) -> LoadedBundle:
     model_cfg = parse_section(ModelConfig, {**meta["model"], "weights": "none"}, "model")
     model = BoneAgeNet(model_cfg, meta["image_size"])
     state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+    mismatch = weights_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise BundleError(f"{folder / WEIGHTS} does not fit the model {META} describes ({model_cfg.arch}, head "
+                          f"{model_cfg.head}, {meta['image_size']} px): {mismatch}; re-export the bundle from its "
+                          "training run, or serve another one")
     model.load_state_dict(state)
     return LoadedBundle(model=model.eval(), meta=meta, path=folder)
+
+
+def weights_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """Why a state dict does not fit a model, in a few words ("" when it fits); torch's own error lists every
+    tensor over dozens of lines."""
+    if _backbone(found) != _backbone(expected):
+        return f"it holds {_backbone(found)} weights"
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    resized = [key for key in expected if key in found and expected[key].shape != found[key].shape]
+    if resized:
+        key = resized[0]
+        return (f"{len(resized)} tensors differ in shape, e.g. {key} is {list(found[key].shape)} there, "
+                f"{list(expected[key].shape)} here")
+    if missing or unexpected:
+        return f"{len(missing)} tensors missing {missing[:1]}, {len(unexpected)} unexpected {unexpected[:1]}"
+    return ""
+
+
+def _backbone(state: dict[str, torch.Tensor]) -> str:
+    """Which VGG16 a state dict is for: only vgg16_bn has batch-norm statistics."""
+    return "vgg16_bn" if any(key.endswith("running_mean") for key in state) else "vgg16"
 
 
 @dataclass
@@ -105,6 +131,8 @@ def promote_if_better(version: Path, root: str | Path, name: str) -> Promotion:
     mae, data = meta["metrics"]["val_mae"], meta["data"]["manifest_fingerprint"]
     with _locked(Path(root) / name):
         current = read_best(root, name)
+        if current is not None and current["version"] == int(version.name):
+            return Promotion(False, f"version {version.name} is already {name}:best (val MAE {mae:.2f})")
         if current is None:
             reason = "there was no best yet"
         elif current["manifest_fingerprint"] != data:
@@ -157,6 +185,11 @@ def register(bundle: Path, root: str | Path, name: str) -> Path:
         except OSError:
             if not target.exists():
                 raise
+
+
+def reference(version: Path) -> str:
+    """The registry reference of a registered version folder: ``<name>:<version>``."""
+    return f"{version.parent.name}:{version.name}"
 
 
 def versions(root: str | Path, name: str) -> list[int]:

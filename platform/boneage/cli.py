@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import typing
 from collections.abc import Callable, Sequence
 
 from boneage.config import Config, ConfigError, describe, load_config
@@ -19,7 +20,7 @@ def parse_job_args(argv: Sequence[str] | None, *, description: str, default_conf
     phantoms.out=D``, so there is still one config system. ``areas`` selects the keys listed in ``--help``.
     """
     keys = [line for line in describe() if line.split(".", 1)[0] in areas]
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="settings (override with --set KEY=VALUE):\n  " + "\n  ".join(keys))
     parser.add_argument("--config", default=default_config, help=f"YAML config file (default: {default_config})")
@@ -37,6 +38,14 @@ def parse_job_args(argv: Sequence[str] | None, *, description: str, default_conf
         parser.error(str(err))
     _log_to_stdout()
     return cfg
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """An argument parser whose errors (bad flags, config keys or values) are one line, exit code 2: the
+    message already names the key and what is allowed, so the usage text would only bury it."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def _log_to_stdout() -> None:

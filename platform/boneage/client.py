@@ -11,12 +11,16 @@ import base64
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
 from boneage.artifacts import atomic_file
 from boneage.config import ConfigError, QueryConfig
 from boneage.errors import JobError
+
+
+UNAVAILABLE = (502, 503, 504)  # what a proxy answers while the replicas start or are overloaded
 
 
 class ServiceError(JobError):
@@ -27,10 +31,30 @@ class ServiceError(JobError):
         self.status, self.code, self.detail = status, code, detail
 
 
+class ServiceUnreachable(JobError, ConnectionError):
+    """Nothing answered at the service's address (not started, stopped, or the wrong host or port)."""
+
+
+class WrongServiceAddress(JobError, ValueError):
+    """The address is not a URL, or something other than the bone-age service answers there."""
+
+
+class RadiographNotFound(JobError, FileNotFoundError):
+    """The radiograph file to send does not exist."""
+
+
 class BoneAgeClient:
     """Talks to ``/v1/predict``, ``/v1/explain``, ``/v1/model`` and ``/healthz`` of one service."""
 
     def __init__(self, url: str, timeout_s: float = 60.0):
+        try:
+            requests.Request("GET", url).prepare()  # requests' own checks: scheme, host, port
+            valid = urlsplit(url).scheme in ("http", "https")
+        except (requests.RequestException, ValueError):
+            valid = False
+        if not valid:
+            raise WrongServiceAddress(f"{url!r} is not a service address: give one like http://127.0.0.1:8000 "
+                                "(query.url, --url)")
         self.url, self.timeout_s = url.rstrip("/"), timeout_s
 
     def predict(self, image: str | Path, sex: str | None = None,
@@ -47,37 +71,64 @@ class BoneAgeClient:
 
     def model(self) -> dict[str, Any]:
         """The served bundle's metadata and metrics."""
-        return self._checked(requests.get(f"{self.url}/v1/model", timeout=self.timeout_s))
+        return self._request("get", "v1/model")
 
     def wait_until_ready(self, timeout_s: float = 300.0) -> None:
         """Poll ``/healthz`` until the model is loaded; raise :class:`ServiceError` after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
+        last = "nothing listening"
         while time.monotonic() < deadline:
             try:
-                if requests.get(f"{self.url}/healthz", timeout=5).status_code == 200:
+                response = requests.get(f"{self.url}/healthz", timeout=5)
+                if response.status_code == 200:
                     return
+                last = f"HTTP {response.status_code}"  # the proxy is up and the replica still loading
             except (requests.ConnectionError, requests.Timeout):
-                pass  # not listening yet, or the proxy is up and the replica still loading
+                pass  # not listening yet
             time.sleep(1.0)
-        raise ServiceError(503, "not_ready", f"{self.url}/healthz did not answer 200 within {timeout_s:g} s")
+        raise ServiceError(503, "not_ready", f"{self.url}/healthz did not answer 200 within {timeout_s:g} s (last: "
+                                             f"{last}): check that the service was deployed at this address")
 
     def _post(self, route: str, image: str | Path, sex: str | None, age: float | None) -> dict[str, Any]:
         fields = {k: str(v) for k, v in {"sex": sex, "chronological_age_months": age}.items() if v not in (None, "")}
         path = Path(image)
+        if not path.is_file():
+            raise RadiographNotFound(f"radiograph {path} does not exist: give the path of a PNG, JPEG or DICOM file")
         with path.open("rb") as handle:
-            response = requests.post(f"{self.url}/v1/{route}", files={"file": (path.name, handle)}, data=fields,
-                                     timeout=self.timeout_s)
+            answer = self._request("post", f"v1/{route}", files={"file": (path.name, handle)}, data=fields)
+        if "bone_age_months" not in answer:
+            raise WrongServiceAddress(f"{self.url}/v1/{route} answered JSON without a bone age: {self.url} is not the "
+                                "bone-age service; check query.url (--url)")
+        return answer
+
+    def _request(self, method: str, route: str, **kwargs: Any) -> dict[str, Any]:
+        """One request, its failures as one-line errors saying what to do; the JSON answer when it succeeded."""
+        try:
+            response = requests.request(method, f"{self.url}/{route}", timeout=self.timeout_s, **kwargs)
+        except requests.ConnectionError:
+            raise ServiceUnreachable(f"nothing answers at {self.url}: start the service (serve deploy configs/"
+                                     "serve.yaml, or make demo) or give its address (query.url, --url)") from None
+        except requests.Timeout:
+            raise ServiceError(504, "timeout", f"{self.url} did not answer within {self.timeout_s:g} s: the service "
+                                               "may be busy or starting; raise query.timeout_s") from None
         return self._checked(response)
 
-    @staticmethod
-    def _checked(response: requests.Response) -> dict[str, Any]:
-        if response.ok:
-            return response.json()
+    def _checked(self, response: requests.Response) -> dict[str, Any]:
         try:
             body = response.json()
         except ValueError:
-            body = {"error": "http_error", "detail": response.text[:200]}
-        raise ServiceError(response.status_code, body.get("error", "http_error"), body.get("detail", ""))
+            body = None
+        if response.status_code in UNAVAILABLE and not isinstance(body, dict):  # Ray Serve's proxy, not our API
+            said = " ".join(response.text.split())[:120]  # one line
+            raise ServiceError(response.status_code, "unavailable", f"{said}: the service is starting or "
+                                                                    "overloaded; retry, or set query.wait_s")
+        if not isinstance(body, dict) or (not response.ok and "error" not in body):
+            what = response.headers.get("content-type", "no content type").split(";")[0]
+            raise WrongServiceAddress(f"{response.url} answered {response.status_code} with {what}, not the "
+                                      "bone-age service's JSON: check query.url (--url), e.g. http://127.0.0.1:8000")
+        if not response.ok:
+            raise ServiceError(response.status_code, body["error"], body.get("detail", ""))
+        return body
 
 
 def query_service(query: QueryConfig) -> dict[str, Any]:

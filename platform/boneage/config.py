@@ -43,7 +43,7 @@ class DataConfig:
     out: str = setting("outputs/prepared/phantoms", doc="prepared dataset folder")
     test_labels: Optional[str] = setting(None, doc="external test labels; replaces the test split drawn from labels")
     test_images: Optional[str] = setting(None, doc="image folder for test_labels (default: data.images)")
-    image_size: int = setting(256, low=16, high=2048, doc="side of the square canvas, pixels")
+    image_size: int = setting(256, low=32, high=2048, doc="side of the square canvas, pixels; a multiple of 32")
     val_fraction: float = setting(0.15, low=0.0, high=0.9, doc="share of each sex/age stratum for validation")
     test_fraction: float = setting(0.15, low=0.0, high=0.9, doc="share for test (ignored with test_labels)")
     age_band_months: int = setting(24, low=1, high=240, doc="width of the age bands used to stratify splits")
@@ -53,6 +53,10 @@ class DataConfig:
                                      doc="most images per decode task (and per Parquet file); lower for big images")
 
     def validate(self) -> None:
+        if self.image_size % 32:  # refused here, not in a decode task or the model: VGG16 has five max-pools
+            below = self.image_size // 32 * 32  # >= 32: the bounds are checked first
+            raise ConfigError(f"data.image_size={self.image_size} must be a multiple of 32 (VGG16 halves the image "
+                              f"five times): use {below} or {below + 32}")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ConfigError(f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction:g} "
                               "must be below 1, to leave rows for training")

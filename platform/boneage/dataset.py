@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from boneage.errors import JobError
+
 if TYPE_CHECKING:
     import ray.data
     import torch
@@ -22,11 +24,16 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 
 
+class DatasetNotPrepared(JobError, FileNotFoundError):
+    """The folder a job reads as a prepared dataset (``data.out``) was never prepared."""
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """The manifest of a prepared dataset folder."""
+    """The manifest of a prepared dataset folder; :class:`DatasetNotPrepared` when it has none."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a prepared dataset (no {MANIFEST}); run jobs/prepare.py first")
+        raise DatasetNotPrepared(f"data.out={folder} is not a prepared dataset (no {MANIFEST}): run "
+                                 "jobs/prepare.py with the same data settings first")
     return json.loads(path.read_text())
 
 

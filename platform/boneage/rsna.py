@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,7 +147,8 @@ def unlabeled_image_rejects(tables: list[LabelTable]) -> pd.DataFrame:
 def index_images(folder: Path) -> dict[str, list[Path]]:
     """Map each image id (file stem) to every image file with that stem anywhere under ``folder``."""
     if not folder.is_dir():
-        raise LabelsError(f"image folder {folder} does not exist")
+        raise LabelsError(f"image folder {folder} does not exist: point data.images (or data.test_images) at "
+                          "the folder holding the radiographs")
     index: dict[str, list[Path]] = {}
     for root, _, files in os.walk(folder.resolve()):
         for name in files:
@@ -158,11 +160,16 @@ def index_images(folder: Path) -> dict[str, list[Path]]:
 
 def _read_raw(path: Path) -> pd.DataFrame:
     if not path.is_file():
-        raise LabelsError(f"labels file {path} does not exist")
-    if path.suffix.lower() in (".xlsx", ".xlsm"):
-        raw = pd.read_excel(path, dtype=str, engine="openpyxl")
-    else:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        raise LabelsError(f"labels file {path} does not exist: point data.labels (or data.test_labels) at the "
+                          "labels .csv or .xlsx")
+    try:
+        if path.suffix.lower() in (".xlsx", ".xlsm"):
+            raw = pd.read_excel(path, dtype=str, engine="openpyxl")
+        else:
+            raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, UnicodeDecodeError, zipfile.BadZipFile) as err:
+        raise LabelsError(f"labels file {path} is not a readable table ({type(err).__name__}): give the labels "
+                          ".csv or .xlsx") from None
     raw = raw.fillna("")
     blank = (raw.apply(lambda col: col.str.strip()) == "").all(axis=1)  # trailing empty spreadsheet rows
     return raw[~blank].reset_index(drop=True)

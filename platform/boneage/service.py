@@ -23,7 +23,7 @@ from ray.serve.metrics import Counter as MetricCounter
 from ray.serve.metrics import Histogram
 
 from boneage.api import create_api
-from boneage.bundle import read_meta, resolve
+from boneage.bundle import load_bundle, resolve
 from boneage.config import ServeConfig, parse_section, to_dict
 from boneage.inference import BoneAgePredictor
 
@@ -113,7 +113,7 @@ def service_app(args: dict[str, Any], options: dict[str, Any] | None = None) -> 
     ``autoscaling_config``, ...; a Serve config file sets those under ``deployments`` instead)."""
     settings = parse_section(ServeConfig, dict(args), "serve")
     bundle = resolve(settings.model_uri, settings.registry_root)
-    meta = read_meta(bundle)  # fails here, before any replica, on a missing or tampered bundle
+    meta = load_bundle(bundle).meta  # fails here, before any replica: a missing, tampered or mismatched bundle
     log.info("serving %s (val MAE %s)", bundle, meta.get("metrics", {}).get("val_mae"))
     # Replicas may start in another working directory: hand them an absolute bundle path.
     pinned = {**to_dict(settings), "model_uri": str(Path(bundle).resolve())}

@@ -14,15 +14,18 @@ resumes it. A non-finite loss ends the run with :class:`NonFiniteLoss`, keeping 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
@@ -33,7 +36,7 @@ from ray.train.torch import TorchTrainer
 
 from boneage.artifacts import atomic_directory, sha256_json
 from boneage.augment import write_preview
-from boneage.bundle import promote_if_better, register, write_bundle
+from boneage.bundle import promote_if_better, reference, register, write_bundle
 from boneage.config import Config, config_from_dict, to_dict
 from boneage.dataset import batch_tensors, read_manifest, read_split
 from boneage.engine import TrainStep, evaluate, synchronize
@@ -67,6 +70,51 @@ class TrainOutcome:
     final_metrics: dict[str, Any]  # the last epoch's metrics
     baseline_mae: float  # val MAE of always predicting the training mean
     run_path: str
+
+
+class RunFilesGone(JobError, FileNotFoundError):
+    """A finished run whose bundle and best checkpoint were both deleted: nothing is left to answer with."""
+
+
+@dataclass
+class FinishedRun:
+    """The record a run leaves in its folder once its bundle is registered: a resubmitted job finds it and
+    answers with the bundle instead of training (or registering) again."""
+
+    FILE: ClassVar[str] = "finished_run.json"
+
+    run: str
+    run_path: str
+    checkpoint: str  # the best checkpoint, to export again if the bundle is deleted
+    bundle: str  # the registered version folder
+    metrics: dict[str, float]  # the best epoch's
+    final_metrics: dict[str, float]  # the last epoch's
+    baseline_mae: float
+
+    def save(self, storage: str) -> None:
+        """Write the record into the run's folder (atomically: a rename, or one object on a URI)."""
+        fs, folder = pyarrow.fs.FileSystem.from_uri(f"{storage}/{self.run}")
+        with fs.open_output_stream(f"{folder}/.{self.FILE}.tmp") as out:
+            out.write(json.dumps(dataclasses.asdict(self), indent=2).encode())
+        fs.move(f"{folder}/.{self.FILE}.tmp", f"{folder}/{self.FILE}")
+
+    @classmethod
+    def load(cls, storage: str, run: str) -> FinishedRun | None:
+        """The record of run ``run``, or None when it has not finished."""
+        fs, folder = pyarrow.fs.FileSystem.from_uri(f"{storage}/{run}")
+        if fs.get_file_info(f"{folder}/{cls.FILE}").type != pyarrow.fs.FileType.File:
+            return None
+        with fs.open_input_stream(f"{folder}/{cls.FILE}") as handle:
+            return cls(**json.loads(handle.read()))
+
+    def outcome(self) -> TrainOutcome:
+        return TrainOutcome(bundle=Path(self.bundle), metrics=self.metrics, final_metrics=self.final_metrics,
+                            baseline_mae=self.baseline_mae, run_path=self.run_path)
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of a metrics dict (Ray Train adds a few others), as JSON can keep them."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 class BoneAgeCollate(NumpyBatchCollateFn):
@@ -239,11 +287,15 @@ def plan_run(cfg: Config) -> RunPlan:
 
 def run_training(cfg: Config) -> TrainOutcome:
     """Train on ``cfg.data.out`` with Ray Train, register the best checkpoint as a model bundle, and promote it
-    to the registry's ``best`` alias if it beats the current best on the same validation split."""
+    to the registry's ``best`` alias if it beats the current best on the same validation split. A run that
+    already finished (the same settings) is not trained again: its bundle is returned."""
+    name = cfg.train.run_name or run_name(cfg, read_manifest(cfg.data.out))
+    storage = storage_path(cfg.train.storage_path)
+    finished = FinishedRun.load(storage, name)
+    if finished is not None:
+        return already_trained(finished, cfg)
     plan = plan_run(cfg)
     loop_config = plan.loop_config(cfg)
-    name = cfg.train.run_name or run_name(cfg, plan.manifest)
-    storage = storage_path(cfg.train.storage_path)
     if cfg.train.num_workers == 0:  # local mode: debugging in this process; it keeps only its last checkpoint
         if "://" in storage:
             raise ValueError("train.num_workers=0 (local mode) keeps its checkpoint in a local folder; set "
@@ -256,8 +308,32 @@ def run_training(cfg: Config) -> TrainOutcome:
     best, metrics = best_checkpoint(result, name)
     bundle = export_bundle(best, cfg, plan, metrics, name)
     log.info("%s", promote_if_better(bundle, cfg.registry.root, cfg.registry.name).message)
-    return TrainOutcome(bundle=bundle, metrics=metrics, final_metrics=result.metrics,
-                        baseline_mae=plan.baseline_mae, run_path=result.path)
+    finished = FinishedRun(run=name, run_path=result.path, checkpoint=best.path, bundle=str(bundle),
+                           metrics=_numbers(metrics), final_metrics=_numbers(result.metrics),
+                           baseline_mae=plan.baseline_mae)
+    finished.save(storage)
+    return finished.outcome()
+
+
+def already_trained(finished: FinishedRun, cfg: Config) -> TrainOutcome:
+    """The outcome of a run that finished before. Its bundle is re-exported from the run's best checkpoint when
+    it is no longer in ``cfg``'s registry (deleted, or another registry asked for)."""
+    bundle = Path(finished.bundle)
+    if bundle.resolve().parent == (Path(cfg.registry.root) / cfg.registry.name).resolve() and bundle.is_dir():
+        log.info("already trained: %s, bundle %s", finished.run, reference(bundle))
+        return finished.outcome()
+    if not Path(finished.checkpoint).is_dir():
+        raise RunFilesGone(f"run {finished.run} finished, but its bundle {bundle} and its best checkpoint "
+                       f"{finished.checkpoint} are gone: delete {finished.run_path} to train it again")
+    manifest = read_manifest(cfg.data.out)
+    plan = RunPlan(manifest=manifest, datasets={}, baseline_mae=finished.baseline_mae)  # export needs no rows
+    finished.bundle = str(export_bundle(Checkpoint(finished.checkpoint), cfg, plan, finished.metrics, finished.run))
+    log.info("already trained: %s, bundle %s (exported again from the run's best checkpoint %s: %s was deleted, or "
+             "is not in registry.root=%s)", finished.run, reference(Path(finished.bundle)), finished.checkpoint,
+             bundle, cfg.registry.root)
+    log.info("%s", promote_if_better(Path(finished.bundle), cfg.registry.root, cfg.registry.name).message)
+    finished.save(storage_path(cfg.train.storage_path))
+    return finished.outcome()
 
 
 def make_trainer(cfg: Config, loop_config: dict[str, Any], datasets: dict[str, ray.data.Dataset], name: str,
@@ -310,8 +386,7 @@ def export_bundle(checkpoint: Checkpoint, cfg: Config, plan: RunPlan, metrics: d
         "model": to_dict(cfg.model), "image_size": loop_config["image_size"],
         "preprocessing": plan.manifest["preprocessing"],
         "target": {"mean": loop_config["target_mean"], "std": loop_config["target_std"]},
-        "metrics": {**{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                    "val_mae_mean_baseline": plan.baseline_mae},
+        "metrics": {**_numbers(metrics), "val_mae_mean_baseline": plan.baseline_mae},
         "data": {"prepared": str(Path(cfg.data.out).resolve()),
                  "manifest_fingerprint": plan.manifest["fingerprint"]},
         "train": to_dict(cfg.train), "augment": to_dict(cfg.augment),

@@ -34,6 +34,7 @@ from ray.util.state import list_actors
 from boneage.artifacts import atomic_file, sha256_json
 from boneage.bundle import promote_if_better
 from boneage.config import Config, ConfigError, config_from_dict, to_dict, with_overrides
+from boneage.dataset import read_manifest
 from boneage.errors import JobError
 from boneage.train import REPORTED_METRICS, RunPlan, export_bundle, make_trainer, plan_run, storage_path
 
@@ -162,6 +163,7 @@ def run_sweep(cfg: Config) -> SweepOutcome:
     """Run (or resume) the sweep, write the leaderboard, export the best trial and promote it if it is better."""
     space = parse_search_space(cfg.tune.search_space, cfg)
     check_metric(cfg.tune.metric)
+    read_manifest(cfg.data.out)  # an unprepared data.out fails here, before Ray starts
     if not ray.is_initialized():
         ray.init()
     check_state_api()

@@ -40,7 +40,8 @@ def test_optional_values_accept_null():
     ("data.image_sise=64", ["data.image_sise", "image_size", "labels"]),
     ("dat.image_size=64", ["dat", "valid keys in config", "data"]),
     ("data.image_size=big", ["data.image_size", "integer", "'big'"]),
-    ("data.image_size=8", ["data.image_size=8", "out of range", "16..2048"]),
+    ("data.image_size=8", ["data.image_size=8", "out of range", "32..2048"]),
+    ("data.image_size=100", ["data.image_size=100", "multiple of 32", "use 96 or 128"]),
     ("data.val_fraction=1.5", ["data.val_fraction", "0..0.9"]),
     ("data.val_fraction=0.85", ["val_fraction + data.test_fraction", "below 1"]),
     ("model.pooling=mean", ["model.pooling", "flatten", "avg", "max"]),
@@ -78,7 +79,7 @@ def test_bad_yaml_files_are_reported(tmp_path):
 
 
 def test_saved_config_reloads_to_the_same_config(tmp_path):
-    cfg = load_config(overrides=["data.image_size=72", "model.head=[8]"])
+    cfg = load_config(overrides=["data.image_size=96", "model.head=[8]"])
     path = save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(path) == cfg
 

@@ -75,9 +75,9 @@ def test_rerun_on_unchanged_inputs_reuses_the_output(phantom_dir, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     prepare_dataset(cfg)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
-    resized = data_config(phantom_dir / "boneage-training-dataset.csv", phantom_dir, out, "data.image_size=16")
+    resized = data_config(phantom_dir / "boneage-training-dataset.csv", phantom_dir, out, "data.image_size=64")
     prepare_dataset(resized)  # a changed setting rebuilds
-    assert read_manifest(out)["image_size"] == 16
+    assert read_manifest(out)["image_size"] == 64
 
 
 def test_undecodable_images_are_reported_not_dropped(phantom_dir, tmp_path):

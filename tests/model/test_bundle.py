@@ -86,3 +86,11 @@ def test_best_moves_only_to_a_better_bundle_on_the_same_validation_split(tmp_pat
     other_data = promote_if_better(v4, root, "m")
     assert not other_data.promoted and "not comparable" in other_data.message
     assert read_best(root, "m")["version"] == 3 and read_best(root, "m")["val_mae"] == 9.0
+
+
+def test_a_bundle_compared_with_itself_says_it_is_already_best(tmp_path):
+    root = tmp_path / "registry"
+    version = register(make_bundle(tmp_path / "a", val_mae=9.75)[0], root, "m")
+    assert promote_if_better(version, root, "m").promoted
+    again = promote_if_better(version, root, "m")
+    assert not again.promoted and again.message == "version 1 is already m:best (val MAE 9.75)"

@@ -1,8 +1,10 @@
 """Ray Train: local mode, 2 workers, a killed worker, a killed and resubmitted driver, NaN loss, the bundle,
 the weight average."""
 
+import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from boneage.bundle import load_bundle
+from boneage.bundle import load_bundle, versions
 from boneage.dataset import read_manifest
 from boneage.train import NonFiniteLoss, run_name, run_training
 from helpers import ROOT, train_config
@@ -185,3 +187,27 @@ def test_preview_job_writes_a_grid_of_training_images(prepared_dir, tmp_path):
     cfg = train_config(prepared_dir, tmp_path, f"augment.preview_path={tmp_path / 'p.png'}", "augment.preview_images=4")
     path = preview_augmentations(cfg)
     assert Image.open(path).size == (2 + 4 * 34, 2 + 4 * 34)
+
+
+def test_a_finished_run_resubmitted_is_not_trained_or_registered_again(prepared_dir, tmp_path, caplog):
+    cfg = train_config(prepared_dir, tmp_path)
+    first = run_training(cfg)
+    name, models = run_name(cfg, read_manifest(prepared_dir)), tmp_path / "registry" / "boneage-vgg16"
+    caplog.set_level(logging.INFO, logger="boneage")
+    again = run_training(cfg)
+    # The only line: no "training run ..." line, no promotion.
+    assert [r.getMessage() for r in caplog.records] == [f"already trained: {name}, bundle boneage-vgg16:1"]
+    assert again.bundle == first.bundle and again.metrics == first.metrics
+    assert versions(models.parent, models.name) == [1]
+
+    # Its bundle deleted meanwhile: exported again from the run's best checkpoint (same weights), not trained.
+    weights = torch.load(first.bundle / "model.pt", weights_only=True)
+    shutil.rmtree(first.bundle)
+    caplog.clear()
+    third = run_training(cfg)
+    exported, promotion = (r.getMessage() for r in caplog.records)
+    assert exported.startswith(f"already trained: {name}, bundle boneage-vgg16:1 (exported again from the run's "
+                               f"best checkpoint {first.run_path}/checkpoint_")
+    assert promotion == f"version 1 is already boneage-vgg16:best (val MAE {first.metrics['val_mae']:.2f})"
+    exported_weights = load_bundle(third.bundle).model.state_dict()
+    assert all(torch.equal(exported_weights[key], value) for key, value in weights.items())
