@@ -85,7 +85,7 @@ def test_model_health_page_and_docs(direct_url):
 def test_the_docs_load_their_assets_from_this_service(direct_url, route):
     page = requests.get(f"{direct_url}/{route}", timeout=10)
     assert page.status_code == 200
-    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text) + re.findall(r"url: '([^']+)'", page.text)
+    assets = re.findall(r'(?:src|href|spec-url)="([^"]+)"', page.text) + re.findall(r"url: '([^']+)'", page.text)
     assert any(asset.endswith(".js") for asset in assets), page.text
     for asset in assets:
         assert asset.startswith("/"), f"{asset} is not on this service"
