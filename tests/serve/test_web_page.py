@@ -60,6 +60,7 @@ def browser():
 
 @pytest.fixture
 def visit(browser):
+    """A fresh page whose requests off 127.0.0.1 are blocked and recorded, its console errors collected."""
     context = browser.new_context(viewport={"width": 1100, "height": 900})
     page = context.new_page()
     seen = Visit(page)
