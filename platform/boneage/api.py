@@ -2,7 +2,8 @@
 
 ``create_api(backend, settings)`` builds the app. The Ray Serve deployment (:mod:`boneage.service`) is one backend,
 batching predictions across requests; :class:`DirectBackend` runs the same model code in-process (the plain
-uvicorn server the latency benchmark compares against).
+uvicorn server the latency benchmark compares against). ``/docs`` and ``/redoc`` load Swagger UI and ReDoc from the
+installed ``fastapi-offline`` package, never from a CDN, so they work on a network without internet.
 
 Every bad input answers a 4xx JSON body ``{"error": <code>, "detail": <sentence>}`` and the service keeps serving.
 """
@@ -21,22 +22,30 @@ from typing import Any, Protocol
 import numpy as np
 import uvicorn
 from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import Query as QueryParameter
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from PIL import Image, UnidentifiedImageError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from boneage.config import ServeConfig
 from boneage.imaging import ImageRejected, is_dicom
-from boneage.inference import BoneAgePredictor, Explanation, Radiograph, heatmap_grid
+from boneage.inference import BoneAgePredictor, Explanation, Radiograph, encode_png, heatmap_grid
 from boneage.standards import MAX_AGE_MONTHS, assess, years_and_months
 
 log = logging.getLogger(__name__)
 
 API_VERSION = "v1"
+# Metric labels: anything else is "other", so scanners cannot blow up the label set.
 ROUTES = (f"/{API_VERSION}/predict", f"/{API_VERSION}/explain", f"/{API_VERSION}/model", "/healthz", "/", "/docs",
-          "/openapi.json")  # metric labels: anything else is "other", so scanners cannot blow up the label set
+          "/redoc", "/openapi.json")
 ACCEPTED_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG; DICOM is checked by its preamble
+# The pages (/, /docs, /redoc) load only from this service, so they work on a network without internet, and what
+# a library reaches for elsewhere (ReDoc 2's Redocly logo, hard-coded to cdn.redoc.ly) the browser stops before
+# it is requested. Inline scripts and styles: the page's own, Swagger UI's start-up, ReDoc's styled components.
+PAGE_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+               "img-src 'self' data:; worker-src 'self' blob:")
 
 
 class Metrics(Protocol):
@@ -91,31 +100,38 @@ class ApiError(Exception):
 
 
 def create_api(backend: Backend, settings: ServeConfig) -> FastAPI:
-    """The FastAPI app: ``/v1/predict``, ``/v1/explain``, ``/v1/model``, ``/healthz``, ``/`` and ``/docs``."""
-    app = FastAPI(title="Bone age", version=API_VERSION,
-                  description="Pediatric bone age from a left-hand radiograph, with Grad-CAM heat maps. "
-                              "Research use only: not a medical device.")
+    """The FastAPI app: ``/v1/predict``, ``/v1/explain``, ``/v1/model``, ``/healthz``, ``/``, ``/docs`` and
+    ``/redoc`` (their assets under the request's root path, so they work behind any Serve route prefix)."""
+    app = FastAPIOffline(title="Bone age", version=API_VERSION,
+                         description="Pediatric bone age from a left-hand radiograph, with Grad-CAM heat maps. "
+                                     "Research use only: not a medical device.")
     app.add_middleware(BodyLimit, limit=int(settings.max_upload_mb * 1024 * 1024))
     app.add_middleware(RequestMetrics, metrics=backend.metrics)
+    app.add_middleware(LocalOnlyPages)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)
-    form = _form_parameters()
+    given = _parameters()
 
-    @app.post(f"/{API_VERSION}/predict", summary="Bone age of one radiograph")
-    async def predict(request: Request, file: UploadFile | None = form["file"], sex: str | None = form["sex"],
-                      chronological_age_months: str | None = form["age"]) -> dict[str, Any]:
+    @app.post(f"/{API_VERSION}/predict", summary="Bone age of one radiograph",
+              description=f"The bone age, and the SDS when the chronological age is given. {CANVAS_DOC}")
+    async def predict(request: Request, file: UploadFile | None = given["file"], sex: str | None = given["sex"],
+                      chronological_age_months: str | None = given["age"],
+                      canvas: bool = given["canvas"]) -> dict[str, Any]:
         query = await _read_query(request, backend, file, sex, chronological_age_months)
         started = time.perf_counter()
         months = await backend.predict(query.radiograph.canvas, query.sex == "M")
         backend.metrics.prediction(time.perf_counter() - started)
-        return _answer(months, query, backend)
+        return {**_answer(months, query, backend), **await _canvas_field(query, canvas)}
 
     @app.post(f"/{API_VERSION}/explain", summary="Bone age with its Grad-CAM heat map",
+              description="As /v1/predict, plus `overlay_png_base64` (the Grad-CAM overlay on the radiograph) and "
+                          f"`heatmap` (the raw map, averaged to a grid). {CANVAS_DOC}",
               responses={200: {"content": {"image/png": {}}, "description": "JSON, or the overlay PNG itself "
                                                                              "with Accept: image/png"}})
-    async def explain(request: Request, file: UploadFile | None = form["file"], sex: str | None = form["sex"],
-                      chronological_age_months: str | None = form["age"]) -> Response:
+    async def explain(request: Request, file: UploadFile | None = given["file"], sex: str | None = given["sex"],
+                      chronological_age_months: str | None = given["age"],
+                      canvas: bool = given["canvas"]) -> Response:
         query = await _read_query(request, backend, file, sex, chronological_age_months)
         started = time.perf_counter()
         result: Explanation = await asyncio.to_thread(backend.predictor.explain, query.radiograph, query.sex == "M")
@@ -126,7 +142,8 @@ def create_api(backend: Backend, settings: ServeConfig) -> FastAPI:
                             headers={"X-Bone-Age-Months": f"{answer['bone_age_months']}",
                                      "X-Request-ID": answer["request_id"]})
         return JSONResponse({**answer, "overlay_png_base64": base64.b64encode(result.overlay_png).decode(),
-                             "heatmap": heatmap_grid(result.heatmap, settings.heatmap_cells)})
+                             "heatmap": heatmap_grid(result.heatmap, settings.heatmap_cells),
+                             **await _canvas_field(query, canvas)})
 
     @app.get(f"/{API_VERSION}/model", summary="The served model: bundle metadata, metrics and serving settings")
     async def model() -> dict[str, Any]:
@@ -147,11 +164,19 @@ def create_api(backend: Backend, settings: ServeConfig) -> FastAPI:
     return app
 
 
-def _form_parameters() -> dict[str, Any]:
-    # Optional at the schema level: missing fields get this API's own error body instead of FastAPI's.
+CANVAS_DOC = ("With `?canvas=true` the JSON answer also holds `canvas_png_base64`: the radiograph as the service "
+              "decoded it (DICOM and 16-bit PNG windowed to 8 bits, framed on the square the model saw), as a "
+              "grayscale PNG at the overlay's size, for showing uploads a browser cannot draw. Off by default: it "
+              "adds a PNG encoding and, at 384 px, about 60-75 KB (some 40% of the overlay's size).")
+
+
+def _parameters() -> dict[str, Any]:
+    # Form fields optional at the schema level: missing ones get this API's own error body instead of FastAPI's.
     return {"file": File(None, description="the radiograph: PNG, JPEG or DICOM"),
             "sex": Form(None, description="M or F; may be omitted only for a DICOM file with PatientSex"),
-            "age": Form(None, description=f"chronological age in months (0-{MAX_AGE_MONTHS:g}), for the SDS")}
+            "age": Form(None, description=f"chronological age in months (0-{MAX_AGE_MONTHS:g}), for the SDS"),
+            "canvas": QueryParameter(False, description="also answer `canvas_png_base64`, the decoded radiograph "
+                                                        "(JSON answers only)")}
 
 
 class Query:
@@ -232,6 +257,14 @@ def _resolve_sex(form_sex: str | None, dicom_sex: str | None) -> tuple[str, str]
     if dicom_sex is not None and dicom_sex != sex:
         raise ApiError(422, "sex_conflict", f"sex={sex} contradicts the DICOM header's PatientSex={dicom_sex}")
     return sex, "form"
+
+
+async def _canvas_field(query: Query, wanted: bool) -> dict[str, str]:
+    """``canvas_png_base64`` (the display canvas as PNG) when the client asked for it, else nothing."""
+    if not wanted:
+        return {}
+    png = await asyncio.to_thread(encode_png, query.radiograph.display)
+    return {"canvas_png_base64": base64.b64encode(png).decode()}
 
 
 def _answer(months: float, query: Query, backend: Backend) -> dict[str, Any]:
@@ -316,6 +349,25 @@ class RequestMetrics:
         finally:
             path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
             self.metrics.request(path if path in ROUTES else "other", status, time.perf_counter() - started)
+
+
+class LocalOnlyPages:
+    """Send :data:`PAGE_POLICY` as the Content-Security-Policy of every answer (it matters for the HTML pages)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_policy(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []),
+                                      (b"content-security-policy", PAGE_POLICY.encode())]
+            await send(message)
+
+        await self.app(scope, receive, with_policy)
 
 
 async def _send_json(send: Send, status: int, code: str, detail: str) -> None:

@@ -131,9 +131,14 @@ class BoneAgePredictor:
         big = np.asarray(Image.fromarray(heatmap.astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR))
         rgb = np.repeat(display[..., None], 3, axis=2).astype(np.float32) / 255.0  # (D, D, 3)
         blended = show_cam_on_image(rgb, np.clip(big, 0.0, 1.0), use_rgb=True, image_weight=0.6)  # (D, D, 3) uint8
-        buffer = io.BytesIO()
-        Image.fromarray(blended).save(buffer, format="PNG", compress_level=1)  # speed over size
-        return buffer.getvalue()
+        return encode_png(blended)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """A uint8 image, (H, W) gray or (H, W, 3) RGB, as PNG bytes, compressed for speed over size."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
 
 
 def heatmap_grid(heatmap: np.ndarray, cells: int) -> list[list[float]]:

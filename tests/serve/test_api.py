@@ -7,6 +7,7 @@ import base64
 import http.client
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ import requests
 from PIL import Image
 
 from cases import AGE_FIELD, bad_requests, post
-from images import write_dicom, write_jpeg
+from boneage.imaging import decode_grayscale, fit_to_square
+from images import write_dicom, write_jpeg, write_png16
 
 
 def phantom_png(phantom_dir) -> bytes:
@@ -77,7 +79,36 @@ def test_model_health_page_and_docs(direct_url):
     assert "http" not in page.text.split("<script>")[0].replace("http-equiv", "")  # no external assets
     schema = requests.get(f"{direct_url}/openapi.json", timeout=10).json()
     assert {"/v1/predict", "/v1/explain", "/v1/model", "/healthz"} <= set(schema["paths"])
-    assert requests.get(f"{direct_url}/docs", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("route", ["docs", "redoc"])
+def test_the_docs_load_their_assets_from_this_service(direct_url, route):
+    page = requests.get(f"{direct_url}/{route}", timeout=10)
+    assert page.status_code == 200
+    assets = re.findall(r'(?:src|href|spec-url)="([^"]+)"', page.text) + re.findall(r"url: '([^']+)'", page.text)
+    assert any(asset.endswith(".js") for asset in assets), page.text
+    for asset in assets:
+        assert asset.startswith("/"), f"{asset} is not on this service"
+        assert requests.get(f"{direct_url}{asset}", timeout=10).status_code == 200, asset
+
+
+@pytest.mark.parametrize("kind", ["dicom", "png16"])
+@pytest.mark.parametrize("route", ["predict", "explain"])
+def test_the_canvas_is_the_radiograph_as_decoded_and_only_when_asked(direct_url, tmp_path, kind, route):
+    path = write_dicom(tmp_path / "a.dcm") if kind == "dicom" else write_png16(tmp_path / "a.png")
+    data = path.read_bytes()
+    assert "canvas_png_base64" not in post(direct_url, route, data, path.name, sex="F").json()
+    answer = post(direct_url, f"{route}?canvas=true", data, path.name, sex="F").json()
+    canvas = Image.open(io.BytesIO(base64.b64decode(answer["canvas_png_base64"])))
+    assert canvas.format == "PNG" and canvas.mode == "L" and canvas.size == (128, 128)  # serve.overlay_size
+    expected = fit_to_square(decode_grayscale(data), 128)  # windowed to 8 bits, framed as the model sees it
+    assert np.array_equal(np.asarray(canvas), expected) and expected.max() == 255
+
+
+def test_a_canvas_option_that_is_not_a_yes_or_no_is_refused(direct_url, phantom_dir):
+    response = post(direct_url, "explain?canvas=perhaps", phantom_png(phantom_dir), sex="F")
+    assert response.status_code == 422 and response.json()["error"] == "invalid_request"
+    assert "canvas" in response.json()["detail"]
 
 
 @pytest.mark.parametrize("route", ["predict", "explain"])
