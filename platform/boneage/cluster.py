@@ -256,6 +256,7 @@ def check_job_environment(address: str, python: str | None) -> None:
     if missing:
         raise ClusterError(f"{sys.executable} lacks {missing[0]}: run this with the project's .venv/bin/python")
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # before Ray reads it: the client sends ~/.ray/auth_token
+    os.environ.pop("RAY_ADDRESS", None)  # ``address`` is the cluster; Ray's client would also try this one's GCS
     import ray
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient

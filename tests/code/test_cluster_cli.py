@@ -1,5 +1,6 @@
 """boneage.cluster without a cluster: the jobs' runtime env, and one-line refusals."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,9 @@ def test_runtime_env_names_this_interpreter_and_ships_the_library():
 
 
 def cluster_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{free_port()}"}  # an address elsewhere must not matter
     return subprocess.run([sys.executable, "-m", "boneage.cluster", "--state", str(tmp_path / "none.json"), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_submit_refuses_in_one_line_where_no_cluster_answers(tmp_path):
