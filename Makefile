@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BASE := $(VENV)/.installed-base
 DEV := $(VENV)/.installed-dev
 
-.PHONY: demo test test-fast clean
+.PHONY: demo stop test test-fast clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,32 +20,36 @@ $(DEV): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@ $(BASE)
 
-# The demo runs on a local Ray cluster the way a user would: `ray start --head` from the venv (jobs inherit its
-# PATH), jobs sent with `ray job submit` (token auth, Ray 2.60's default), the service with `serve deploy`.
-DASHBOARD := http://127.0.0.1:8265
-SERVICE := http://127.0.0.1:8000
-RAY_CLI := PATH=$(CURDIR)/$(VENV)/bin:$$PATH RAY_AUTH_MODE=token
-# Jobs run in an uploaded copy of the project (outputs/ is not uploaded), so they get absolute paths.
+# The demo runs on a Ray cluster of its own (own temp dir and ports, recorded in outputs/ray-cluster.json and found
+# again by the next run), beside any other cluster on the machine: boneage.cluster starts it, submits the jobs with
+# a runtime env naming this venv's python and shipping the library, deploys Serve on a free port, and stops it.
+CLUSTER := $(PY) -m boneage.cluster
+# Jobs run in an uploaded copy of the project (outputs/ is not uploaded), so they get absolute paths. The prepare
+# step is a job too: run here, Ray's auto-discovery would join whatever cluster it finds on the machine.
 OUT := $(CURDIR)/outputs
+DATA_PATHS := data.labels=$(OUT)/phantoms/boneage-training-dataset.csv data.images=$(OUT)/phantoms \
+	data.out=$(OUT)/prepared/phantoms-64
 JOB_PATHS := data.out=$(OUT)/prepared/phantoms-64 train.storage_path=$(OUT)/ray_results registry.root=$(OUT)/registry
-SUBMIT := $(RAY_CLI) ray job submit --address $(DASHBOARD) --working-dir . --
 
 demo: $(BASE)
 	$(PY) jobs/make_phantoms.py --config configs/demo.yaml
-	$(PY) jobs/prepare.py --config configs/demo.yaml
-	$(RAY_CLI) ray status >/dev/null 2>&1 || $(RAY_CLI) ray start --head --dashboard-host 127.0.0.1 \
-		--disable-usage-stats
-	$(SUBMIT) python jobs/train.py --config configs/demo.yaml --set $(JOB_PATHS)
-	$(SUBMIT) python jobs/tune.py --config configs/demo.yaml --set $(JOB_PATHS)
-	$(RAY_CLI) serve deploy configs/serve.yaml --address $(DASHBOARD)
-	$(PY) jobs/query.py --url $(SERVICE) --set query.wait_s=300 \
+	$(CLUSTER) start
+	$(CLUSTER) submit -- python jobs/prepare.py --config configs/demo.yaml --set $(DATA_PATHS)
+	$(CLUSTER) submit -- python jobs/train.py --config configs/demo.yaml --set $(JOB_PATHS)
+	$(CLUSTER) submit -- python jobs/tune.py --config configs/demo.yaml --set $(JOB_PATHS)
+	$(CLUSTER) serve-deploy configs/serve.yaml
+	$(PY) jobs/query.py --url $$($(CLUSTER) service-url) --set query.wait_s=300 \
 		--file outputs/phantoms/boneage-training-dataset/boneage-training-dataset/200001.png --sex F --age 120
-	$(PY) jobs/query.py --url $(SERVICE) --file outputs/phantom-dicom/200002.dcm \
+	$(PY) jobs/query.py --url $$($(CLUSTER) service-url) --file outputs/phantom-dicom/200002.dcm \
 		--overlay outputs/demo-overlay.png
-	@echo
-	@echo "The service is running. Open $(SERVICE)/ in a browser (API docs: $(SERVICE)/docs)."
-	@echo "Ask it from the shell:  curl -F file=@outputs/phantom-dicom/200002.dcm $(SERVICE)/v1/predict"
-	@echo "Stop it and the local Ray cluster:  source $(VENV)/bin/activate && ray stop"
+	@url=$$($(CLUSTER) service-url) && echo && \
+	echo "The service is running. Open $$url/ in a browser (API docs: $$url/docs)." && \
+	echo "Ask it from the shell:  curl -F file=@outputs/phantom-dicom/200002.dcm $$url/v1/predict" && \
+	echo "Stop it and the demo's Ray cluster (only that one):  make stop"
+
+# Stops the demo's cluster only; `ray stop` would end every Ray cluster on the machine.
+stop:
+	$(CLUSTER) stop
 
 test: $(DEV)
 	$(PY) -m pytest

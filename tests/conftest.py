@@ -22,6 +22,9 @@ def session_temp() -> Path:
 
 
 SESSION_TEMP = Path(tempfile.mkdtemp(prefix="bt-", dir="/tmp"))
+# Every process the tests start inherits this, so the session-end check finds even those whose command line names
+# no temp dir (a `ray start --head` cluster's client server names only its GCS address).
+os.environ["BONEAGE_TEST_SESSION"] = str(SESSION_TEMP)
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import time
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,29 +26,28 @@ def free_port() -> int:
 
 
 def processes_mentioning(marker: str) -> list[str]:
-    """``pid: command line`` of every running process whose command line contains ``marker`` (a temp dir)."""
+    """``pid: command line`` of every running process whose command line or environment contains ``marker`` (a
+    temp dir). The environment catches processes whose command line names no temp dir, such as Ray's client
+    server: they inherit the test session's marker (conftest)."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
-            cmdline = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes()
         except OSError:
-            continue  # exited meanwhile
-        if marker.encode() in cmdline and int(entry.name) != os.getpid():
+            continue  # exited meanwhile, or not ours to read
+        if marker.encode() in cmdline or marker.encode() in environ:
             command = cmdline.replace(b"\0", b" ").decode(errors="replace")
             found.append(f"{entry.name}: {command[:200]}")
     return found
 
 
-def stop_processes_mentioning(marker: str) -> None:
-    """Stop the processes of one cluster the tests started (their command lines name its temp dir). `ray stop`
-    would also stop the session's own Ray and any cluster of the user's."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for line in processes_mentioning(marker):
-            try:
-                os.kill(int(line.split(":", 1)[0]), sig)
-            except ProcessLookupError:
-                continue
-        time.sleep(2)
+def ray_cli(env: dict, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run Ray's CLI of the project's venv from the project root."""
+    ray = str(Path(sys.executable).parent / "ray")
+    return subprocess.run([ray, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def require(path: Path) -> Path:

@@ -2,19 +2,15 @@
 resources, and the training job submitted with `ray job submit --working-dir .` exactly as the README says."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, free_port, stop_processes_mentioning
+from boneage.cluster import stop_head
+from helpers import free_port, ray_cli
 
 pytestmark = pytest.mark.slow
-
-
-def ray_cli(env: dict, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(["ray", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def node_ports() -> list[str]:
@@ -31,7 +27,7 @@ def two_node_cluster(session_temp):
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = free_port(), free_port()
-    temp_dir = str(session_temp / "two-node")
+    temp_dir = session_temp / "two-node"
     head = ray_cli(env, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
                    f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
                    f"--temp-dir={temp_dir}", "--disable-usage-stats", *node_ports())
@@ -42,7 +38,7 @@ def two_node_cluster(session_temp):
         assert worker.returncode == 0, worker.stdout + worker.stderr
         yield env, f"http://127.0.0.1:{dashboard}"
     finally:
-        stop_processes_mentioning(temp_dir)
+        stop_head(temp_dir, gcs)  # its processes, and its Ray client server, which names only the GCS port
 
 
 def test_job_submit_trains_on_two_nodes(two_node_cluster, prepared_dir, tmp_path):
