@@ -137,7 +137,10 @@ class TrainConfig:
     cache_dataset: bool = setting(True, doc="keep the splits in Ray's object store across epochs instead of "
                                             "re-reading Parquet; turn off for data larger than the object store")
     precision: Literal["auto", "bf16", "fp32"] = setting(
-        "auto", doc="auto: bf16 autocast on GPUs and AMX CPUs (2-3x faster there), fp32 elsewhere")
+        "auto", doc="auto: bf16 autocast on GPUs and on CPUs with bf16 units (AMX: 2.4x faster; avx512_bf16 "
+                    "without AMX, e.g. AMD Zen 4: TRAIN_AVX), fp32 elsewhere (bench/results/precision.json)")
+    progress_seconds: float = setting(30.0, low=0.01, high=86_400.0, doc="a progress line within an epoch at "
+                                                                          "least this often (images, img/s, time left)")
     compile: bool = setting(False, doc="torch.compile the model: VGG16 at 224 px trains 1.35x faster on an H200 "
                                        "(bench/results/gpu_train.json); the first epoch waits for the compiler")
     seed: int = setting(0, low=0)

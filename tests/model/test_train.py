@@ -2,6 +2,7 @@
 the weight average."""
 
 import math
+import re
 import os
 import signal
 import subprocess
@@ -185,3 +186,15 @@ def test_preview_job_writes_a_grid_of_training_images(prepared_dir, tmp_path):
     cfg = train_config(prepared_dir, tmp_path, f"augment.preview_path={tmp_path / 'p.png'}", "augment.preview_images=4")
     path = preview_augmentations(cfg)
     assert Image.open(path).size == (2 + 4 * 34, 2 + 4 * 34)
+
+
+def test_training_prints_its_precision_and_progress_within_an_epoch(prepared_dir, tmp_path, capfd):
+    from boneage.precision import describe
+
+    run_training(train_config(prepared_dir, tmp_path, "train.num_workers=0", "train.progress_seconds=0.01"))
+    out = capfd.readouterr().out
+    assert describe(torch.device("cpu"), "auto", "train") in out
+    progress = re.findall(r"^epoch 1/1: (\d+)/(\d+) images, [\d.]+ img/s, about \d+ s left in the epoch$", out,
+                          re.MULTILINE)
+    assert progress, out
+    assert all(int(done) <= int(total) for done, total in progress)
