@@ -5,10 +5,11 @@ machine and served on another each use what that machine does fast. ``auto`` is 
 per job (training, or predicting with a trained model), from bench/results/precision.json:
 
 - CUDA GPUs: bf16 for both.
-- CPUs with AMX (Intel Sapphire Rapids and later): bf16 for both, 2.4x faster training and 3-5x faster batched
-  predicts.
-- CPUs with avx512_bf16 but no AMX (AMD Zen 4 and later): bf16 for both (training measured 1.2-1.3x faster,
-  predicts 1.4-2.5x faster).
+- CPUs with AMX (Intel Sapphire Rapids and later): bf16 for both; 2.4x faster training, 3-3.4x faster predicts
+  at batch 8-32 (2-core Xeon).
+- CPUs with avx512_bf16 but no AMX (AMD Zen 4 and later): bf16 for both; 1.75x faster training on one thread
+  (2-core EPYC, 16.4 against 9.3 img/s), 1.1-1.3x faster predicts at batch 8-32. At batch 1 bf16 measured no
+  faster (0.84x), but those figures were taken on a heavily loaded machine; serving batches requests.
 - Other CPUs (AVX2 and older): fp32; bf16 is emulated there and slower.
 """
 

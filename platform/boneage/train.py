@@ -3,8 +3,9 @@
 Each worker streams its shard of the prepared Parquet (``get_dataset_shard`` + ``iter_torch_batches`` with
 prefetching), decodes nothing (images are raw uint8), augments on its device with Kornia, and trains a DDP-wrapped
 :class:`~boneage.model.BoneAgeNet` with AdamW, warm-up + cosine learning rate, L1 loss on the standardised
-target and gradient clipping; channels_last, and bf16 autocast where it is faster (:mod:`boneage.precision`). Nothing in the step loop
-waits on the device: losses and errors accumulate as device tensors, summed across workers once per epoch.
+target and gradient clipping; channels_last, and bf16 autocast where it is faster (:mod:`boneage.precision`).
+Nothing in the step loop waits on the device: losses and errors accumulate as device tensors, summed across workers
+once per epoch, and the progress lines within an epoch count on the host.
 
 Every epoch reports train loss, val MAE / RMSE in months, images/s per worker and the learning rate, with a
 checkpoint from rank 0; Ray Train keeps the best by val MAE. A killed worker restarts the group from the last
@@ -296,7 +297,7 @@ def waiting_for_workers(cfg: Config) -> str:
     tc = cfg.train
     if tc.num_workers == 0:
         return "training in this process (local mode): building the model ..."
-    gpus = " and 1 GPU" if tc.use_gpu is True else ""
+    gpus = " and 1 GPU" if _use_gpu(cfg) else ""
     return (f"waiting for {tc.cpus_per_worker:g} CPU{gpus} for each of {tc.num_workers} training worker(s), then "
             "starting them (imports, model) ...")
 
