@@ -7,9 +7,9 @@ per job (training, or predicting with a trained model), from bench/results/preci
 - CUDA GPUs: bf16 for both.
 - CPUs with AMX (Intel Sapphire Rapids and later): bf16 for both; 2.4x faster training, 3-3.4x faster predicts
   at batch 8-32 (2-core Xeon).
-- CPUs with avx512_bf16 but no AMX (AMD Zen 4 and later): bf16 for both; 1.75x faster training on one thread
-  (2-core EPYC, 16.4 against 9.3 img/s), 1.1-1.3x faster predicts at batch 8-32. At batch 1 bf16 measured no
-  faster (0.84x), but those figures were taken on a heavily loaded machine; serving batches requests.
+- CPUs with avx512_bf16 but no AMX (AMD Zen 4 and later): bf16 for both; on a 2-core EPYC 1.75x faster training
+  on one thread (16.4 against 9.3 img/s), 1.2x on two, and predicts 1.1-1.6x faster at batch 1, 8 and 32 (one
+  of six timings, batch 1 on a machine at load average 100, was 0.84x). Measured on a shared, loaded machine.
 - Other CPUs (AVX2 and older): fp32; bf16 is emulated there and slower.
 """
 
