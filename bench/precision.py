@@ -57,12 +57,25 @@ def main() -> None:
         predictors = {p: BoneAgePredictor(load_bundle(bundle), precision=p) for p in PRECISIONS}
         inference = {f"batch_{b}": predict_ms_per_image(predictors, b, args.rounds) for b in BATCHES}
         answers = answer_differences(predictors, Path(tmp)) if args.bundle else None
-    result = {"image_size": args.image_size, "cpu_kind": cpu_kind(), "predict_threads": max(args.threads),
+    result = {"image_size": args.image_size, "cpu_kind": cpu_kind(), "flags": bf16_flags(),
+              "predict_threads": max(args.threads),
               "train_images_per_s": training, "predict_ms_per_image": inference,
-              "auto_chooses": {job: resolve_precision("auto", torch.device("cpu"), job) for job in ("train", "predict")},
+              "auto_chooses": {job: resolve_precision("auto", torch.device("cpu"), job)
+                               for job in ("train", "predict")},
               "bf16_answers_vs_fp32_months": answers, "bundle": str(args.bundle) if args.bundle else None}
     report(result)
     write_per_cpu(result)
+
+
+def bf16_flags() -> dict[str, bool | None]:
+    """The CPU flags that decide ``cpu_kind``, as /proc/cpuinfo lists them (None where it cannot be read)."""
+    names = ("avx512_bf16", "amx_tile", "amx_bf16")
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return dict.fromkeys(names)
+    flags = set(line.split(":", 1)[1].split())
+    return {name: name in flags for name in names}
 
 
 def alternate(runs: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:

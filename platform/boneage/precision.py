@@ -64,7 +64,8 @@ def _probe(name: str) -> bool:
 def describe(device: torch.device, precision: str, job: Job, why: str = "") -> str:
     """How a job computes, for its log: e.g. ``precision bf16 (auto on an avx512_bf16 CPU), device cpu``; ``why``
     replaces the reason in brackets."""
-    return f"precision {resolve_precision(precision, device, job)} ({why or _reason(device, precision)}), device {device}"
+    chosen = resolve_precision(precision, device, job)
+    return f"precision {chosen} ({why or _reason(device, precision)}), device {device}"
 
 
 def _reason(device: torch.device, precision: str) -> str:
