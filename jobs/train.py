@@ -7,13 +7,14 @@ The last line names the registered model bundle: `bundle: <path>`.
 """
 
 from boneage.cli import parse_job_args, run_job
-from boneage.train import run_training
 
 AREAS = ["data", "model", "augment", "train", "registry"]
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_job_args(argv, description=__doc__, default_config="configs/train.yaml", areas=AREAS)
+    from boneage.train import run_training  # after the first line: torch and Ray Train load slowly
+
     outcome = run_training(cfg)
     best = outcome.metrics
     print(f"best epoch {best['epoch']}: val MAE {best['val_mae']:.2f} months, val RMSE {best['val_rmse']:.2f} "

@@ -8,13 +8,14 @@ Rerunning the same command after an interruption resumes the sweep. The last lin
 """
 
 from boneage.cli import parse_job_args, run_job
-from boneage.tune import run_sweep
 
 AREAS = ["data", "model", "augment", "train", "tune", "registry"]
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_job_args(argv, description=__doc__, default_config="configs/tune.yaml", areas=AREAS)
+    from boneage.tune import run_sweep  # after the first line: torch and Ray Train load slowly
+
     outcome = run_sweep(cfg)
     print(outcome.table.drop(columns="error").to_string(index=False))
     print(outcome.promotion)

@@ -151,7 +151,8 @@ def create_api(backend: Backend, settings: ServeConfig) -> FastAPI:
         return {"model": _model_id(backend), "image_size": meta["image_size"], "architecture": meta["model"],
                 "metrics": meta.get("metrics", {}), "data": meta.get("data", {}), "created": meta.get("created"),
                 "weights_sha256": meta.get("weights_sha256"), "code_version": meta.get("code_version"),
-                "serving": backend.runtime()}
+                "serving": {**backend.runtime(), "precision": backend.predictor.precision, "device": "cpu",
+                            "computes_in": backend.predictor.computes_in}}
 
     @app.get("/healthz", summary="200 once the model is loaded")
     async def healthz() -> dict[str, str]:
@@ -381,5 +382,6 @@ def direct_server(settings: ServeConfig, host: str = "127.0.0.1", port: int = 80
     """The API with the model in this process, on one uvicorn server (no Ray, no batching): the benchmark's
     baseline and a quick local check. ``server.run()`` serves until ``server.should_exit`` is set."""
     predictor = BoneAgePredictor.from_settings(settings)
+    log.info("serving %s: %s", predictor.bundle.path, predictor.computes_in)
     app = create_api(DirectBackend(predictor), settings)
     return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))

@@ -7,6 +7,7 @@ import logging
 import sys
 import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from boneage.config import Config, ConfigError, describe, load_config
 from boneage.errors import JobError
@@ -57,6 +58,8 @@ def _log_to_stdout() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+    # The job's first line, before the imports that take a minute on a busy 2-core machine.
+    logger.info("%s: settings read; loading Ray and PyTorch ...", Path(sys.argv[0]).name)
     # Ray Data prints every operator's progress at INFO: a wall of internals in a job log. Its console keeps
     # warnings; its full log still goes to the session's ray-data.log. Importing ray.data applies its logging
     # config, so do that first or it would undo this later.

@@ -141,7 +141,11 @@ class TrainConfig:
     cache_dataset: bool = setting(True, doc="keep the splits in Ray's object store across epochs instead of "
                                             "re-reading Parquet; turn off for data larger than the object store")
     precision: Literal["auto", "bf16", "fp32"] = setting(
-        "auto", doc="auto: bf16 autocast on GPUs and AMX CPUs (2-3x faster there), fp32 elsewhere")
+        "auto", doc="auto: bf16 autocast on GPUs and on CPUs with bf16 instructions, where it trains faster (AMX: "
+                    "2.4x; avx512_bf16 without AMX, e.g. AMD Zen 4: 1.75x on one thread), fp32 on other CPUs; see "
+                    "boneage.precision and bench/results/precision.json")
+    progress_seconds: float = setting(30.0, low=0.01, high=86_400.0, doc="a progress line within an epoch at "
+                                                                          "least this often (images, img/s, time left)")
     compile: bool = setting(False, doc="torch.compile the model: VGG16 at 224 px trains 1.35x faster on an H200 "
                                        "(bench/results/gpu_train.json); the first epoch waits for the compiler")
     seed: int = setting(0, low=0)
@@ -195,8 +199,8 @@ class ServeConfig:
     heatmap_cells: int = setting(16, low=1, high=256, doc="the raw heat map in JSON: cells per side")
     torch_threads: int = setting(0, low=0, high=1024, doc="torch threads per replica (0: its CPUs)")
     precision: Literal["auto", "bf16", "fp32"] = setting(
-        "auto", doc="predictions in bf16 (auto: on GPUs and AMX CPUs, where batches run ~5x faster); Grad-CAM "
-                    "heat maps are always fp32")
+        "auto", doc="predictions in bf16 (auto: on GPUs and on CPUs with bf16 instructions, AMX or avx512_bf16, "
+                    "where they run faster; fp32 on other CPUs); Grad-CAM heat maps are always fp32")
 
 
 @dataclass

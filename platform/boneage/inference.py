@@ -26,7 +26,7 @@ from boneage.bundle import LoadedBundle, load_bundle, resolve
 from boneage.config import ServeConfig
 from boneage.imaging import decode_grayscale, fit_to_square, is_dicom
 from boneage.model import NUM_BLOCKS, BoneAgeNet
-from boneage.precision import autocast_for
+from boneage.precision import autocast_for, describe, resolve_precision
 
 
 @dataclass
@@ -81,9 +81,11 @@ class BoneAgePredictor:
         explain_net = copy.deepcopy(bundle.model).eval()  # fp32, contiguous: Grad-CAM as pytorch-grad-cam computes it
         self.model = bundle.model.eval().to(memory_format=torch.channels_last)
         # bf16 answers differ from fp32 by about 0.1 month (at most 0.3 in a trained model's 64 phantoms) and do
-        # not depend on what else is in the batch; on AMX CPUs a batch of 32 costs 2 ms per image against 14 ms
+        # not depend on what else is in the batch; on AMX CPUs a batch of 32 costs 3 ms per image against 15 ms
         # for one image in fp32, which is what makes batching pay.
-        self._autocast = autocast_for(torch.device("cpu"), precision)
+        self._autocast = autocast_for(torch.device("cpu"), precision, "predict")
+        self.precision = resolve_precision(precision, torch.device("cpu"), "predict")  # bf16 | fp32
+        self.computes_in = describe(torch.device("cpu"), precision, "predict")  # for logs and /v1/model
         # Grad-CAM needs gradients only above its target layer, in the top block: the four blocks below run
         # without building a graph, so an explanation costs about one forward pass, not forward plus backward.
         explain_net.freeze_bottom_blocks(NUM_BLOCKS - 1)

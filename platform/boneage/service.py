@@ -74,6 +74,8 @@ class BoneAgeService:
         self.settings: ServeConfig = parse_section(ServeConfig, settings, "serve")
         torch.set_num_threads(self.settings.torch_threads or _assigned_cpus())
         self.predictor = BoneAgePredictor.from_settings(self.settings)
+        # Serve's logger is the one whose records reach the replica's log (and the console at INFO).
+        logging.getLogger("ray.serve").info("BoneAgeService replica: %s", self.predictor.computes_in)
         self.metrics = ServeMetrics()
         self.batch_sizes: Counter[int] = Counter()
         self._predict_batch.set_max_batch_size(self.settings.max_batch_size)

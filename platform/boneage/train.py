@@ -3,8 +3,9 @@
 Each worker streams its shard of the prepared Parquet (``get_dataset_shard`` + ``iter_torch_batches`` with
 prefetching), decodes nothing (images are raw uint8), augments on its device with Kornia, and trains a DDP-wrapped
 :class:`~boneage.model.BoneAgeNet` with AdamW, warm-up + cosine learning rate, L1 loss on the standardised
-target and gradient clipping; channels_last, and bf16 autocast on GPUs and AMX CPUs. Nothing in the step loop
-waits on the device: losses and errors accumulate as device tensors, summed across workers once per epoch.
+target and gradient clipping; channels_last, and bf16 autocast where it is faster (:mod:`boneage.precision`).
+Nothing in the step loop waits on the device: losses and errors accumulate as device tensors, summed across workers
+once per epoch, and the progress lines within an epoch count on the host.
 
 Every epoch reports train loss, val MAE / RMSE in months, images/s per worker and the learning rate, with a
 checkpoint from rank 0; Ray Train keeps the best by val MAE. A killed worker restarts the group from the last
@@ -39,9 +40,10 @@ from boneage.augment import write_preview
 from boneage.bundle import promote_if_better, reference, register, write_bundle
 from boneage.config import Config, config_from_dict, to_dict
 from boneage.dataset import batch_tensors, read_manifest, read_split
-from boneage.engine import TrainStep, evaluate, synchronize
+from boneage.engine import EpochProgress, TrainStep, evaluate, synchronize
 from boneage.errors import JobError
 from boneage.model import NUM_BLOCKS, build_model
+from boneage.precision import describe
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ STATE_FILE = "train_state.pt"
 # Settings that change how a run executes but not what it learns: left out of the derived run name.
 _RUN_NAME_EXCLUDES = {"num_workers", "cpus_per_worker", "use_gpu", "storage_path", "run_name", "max_failures",
                       "keep_checkpoints", "prefetch_batches", "threads_per_worker", "cache_dataset",
-                      "placement_strategy", "compile"}
+                      "placement_strategy", "compile", "progress_seconds"}
 
 
 class NonFiniteLoss(JobError, RuntimeError):
@@ -156,18 +158,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     nodes = _count_nodes()
     if rank == 0:
-        print(f"training on {world} worker(s) across {nodes} node(s), {device.type}, from epoch {start_epoch + 1}",
-              flush=True)
+        print(f"training on {world} worker(s) across {nodes} node(s), from epoch {start_epoch + 1}; "
+              f"{describe(device, tc.precision, 'train')}", flush=True)
 
     for epoch in range(start_epoch, tc.epochs):
         torch.manual_seed(tc.seed * 100_003 + epoch * 1_009 + rank)  # augmentations repeat after a restart
         started = time.perf_counter()
         step.start_epoch(epoch)
+        progress = EpochProgress(epoch + 1, tc.epochs, steps_per_epoch * tc.batch_size * world, world,
+                                 tc.progress_seconds)
         for batch in train_shard.iter_torch_batches(
                 batch_size=tc.batch_size, prefetch_batches=tc.prefetch_batches, collate_fn=collate,
                 drop_last=True, local_shuffle_buffer_size=tc.shuffle_buffer or None,
                 local_shuffle_seed=tc.seed + epoch, pin_memory=device.type == "cuda"):
             step(batch)
+            line = progress.advance(tc.batch_size)
+            if line and rank == 0:
+                print(line, flush=True)
         synchronize(device)  # once per epoch, for an honest images/s
         train_seconds = time.perf_counter() - started
         step.recalibrate_batchnorm()
@@ -277,10 +284,13 @@ class RunPlan:
 
 def plan_run(cfg: Config) -> RunPlan:
     """Read the prepared dataset's manifest and splits (cached in the object store when asked)."""
+    log.info("reading the prepared dataset %s (connecting to Ray first) ...", cfg.data.out)
     manifest = read_manifest(cfg.data.out)
     datasets = {split: read_split(cfg.data.out, split) for split in ("train", "val")}
     if cfg.train.cache_dataset:  # read Parquet once; each epoch then streams from the object store
+        log.info("loading the train and val splits into Ray's object store ...")
         datasets = {split: dataset.materialize() for split, dataset in datasets.items()}
+    log.info("computing the predict-the-mean baseline on the val split ...")
     baseline = mean_baseline_mae(datasets["val"], manifest["label_statistics"]["train"]["boneage_mean"])
     return RunPlan(manifest=manifest, datasets=datasets, baseline_mae=baseline)
 
@@ -304,6 +314,7 @@ def run_training(cfg: Config) -> TrainOutcome:
     counts = plan.manifest["splits"]["counts"]
     log.info("training run %s: %d train / %d val images at %d px; predict-the-mean val MAE %.2f months", name,
              counts["train"], counts["val"], loop_config["image_size"], plan.baseline_mae)
+    log.info("%s", waiting_for_workers(cfg))
     result = make_trainer(cfg, loop_config, plan.datasets, name, storage).fit()
     best, metrics = best_checkpoint(result, name)
     bundle = export_bundle(best, cfg, plan, metrics, name)
@@ -357,6 +368,16 @@ def make_trainer(cfg: Config, loop_config: dict[str, Any], datasets: dict[str, r
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}))
 
 
+def waiting_for_workers(cfg: Config) -> str:
+    """What a Train run waits for before its first line: its workers' resources, then their start-up."""
+    tc = cfg.train
+    if tc.num_workers == 0:
+        return "training in this process (local mode): building the model ..."
+    gpus = " and 1 GPU" if _use_gpu(cfg) else ""
+    return (f"waiting for {tc.cpus_per_worker:g} CPU{gpus} for each of {tc.num_workers} training worker(s), then "
+            "starting them (imports, model) ...")
+
+
 def ordered_ingest() -> DataConfig:
     """Ray Train's ingest with the rows in file order, so the same seed sees the same batches: reruns and sweep
     trials are comparable. (Train ignores the datasets' own contexts and starts from the driver's options.)"""
@@ -402,6 +423,8 @@ def preview_augmentations(cfg: Config) -> Path:
     image_size = read_manifest(cfg.data.out)["image_size"]
     rows = read_split(cfg.data.out, "train").take_batch(cfg.augment.preview_images, batch_format="numpy")
     images = BoneAgeCollate(image_size)(rows)["image"]
+    log.info("augmenting %d images: %s", len(images), describe(torch.device("cpu"), "fp32", "train",
+                                                                 why="augmentation computes in fp32"))
     return write_preview(images, cfg.augment, cfg.augment.preview_path, seed=cfg.train.seed)
 
 

@@ -36,7 +36,8 @@ from boneage.bundle import promote_if_better
 from boneage.config import Config, ConfigError, config_from_dict, to_dict, with_overrides
 from boneage.dataset import read_manifest
 from boneage.errors import JobError
-from boneage.train import REPORTED_METRICS, RunPlan, export_bundle, make_trainer, plan_run, storage_path
+from boneage.train import (REPORTED_METRICS, RunPlan, export_bundle, make_trainer, plan_run, storage_path,
+                           waiting_for_workers)
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,7 @@ def run_sweep(cfg: Config) -> SweepOutcome:
     check_metric(cfg.tune.metric)
     read_manifest(cfg.data.out)  # an unprepared data.out fails here, before Ray starts
     if not ray.is_initialized():
+        log.info("connecting to the Ray cluster ...")
         ray.init()
     check_state_api()
     concurrency = trial_concurrency(cfg, ray.cluster_resources())
@@ -186,6 +188,7 @@ def run_sweep(cfg: Config) -> SweepOutcome:
         tuner = tune.Tuner(trainable, param_space=space, tune_config=_tune_config(cfg, concurrency),
                            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0))
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", STOPPED_TRIAL_GRACE_S)  # read when the sweep starts
+    log.info("each trial: %s", waiting_for_workers(cfg))
     results = tuner.fit()
     table = leaderboard(results, list(space), cfg)
     board = write_leaderboard(table, Path(path) if "://" not in path else Path(cfg.registry.root) / name)

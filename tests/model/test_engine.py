@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from boneage.config import load_config
-from boneage.engine import TrainStep, WeightAverage, to_unit
+from boneage.engine import EpochProgress, TrainStep, WeightAverage, to_unit
 from boneage.model import build_model
 
 SIZE = 32
@@ -135,3 +135,12 @@ def test_weight_average_resumes_where_it_left_off():
         assert torch.allclose(restored.eval_net.state_dict()[name], tensor), name
     for name, tensor in original.net.state_dict().items():
         assert torch.allclose(restored.net.state_dict()[name], tensor), name
+
+
+def test_progress_counts_every_workers_images_and_speaks_only_when_due():
+    quiet = EpochProgress(epoch=2, epochs=5, images_per_epoch=640, workers=2, interval_s=3600)
+    assert quiet.advance(16) is None  # not due yet
+    due = EpochProgress(epoch=2, epochs=5, images_per_epoch=640, workers=2, interval_s=0)
+    lines = [due.advance(16) for _ in range(3)]
+    assert lines[0].startswith("epoch 2/5: 32/640 images, ") and lines[2].startswith("epoch 2/5: 96/640 images, ")
+    assert all(line.endswith("s left in the epoch") and " img/s, about " in line for line in lines)

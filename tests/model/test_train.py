@@ -4,6 +4,7 @@ the weight average."""
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -211,3 +212,15 @@ def test_a_finished_run_resubmitted_is_not_trained_or_registered_again(prepared_
     assert promotion == f"version 1 is already boneage-vgg16:best (val MAE {first.metrics['val_mae']:.2f})"
     exported_weights = load_bundle(third.bundle).model.state_dict()
     assert all(torch.equal(exported_weights[key], value) for key, value in weights.items())
+
+
+def test_training_prints_its_precision_and_progress_within_an_epoch(prepared_dir, tmp_path, capfd):
+    from boneage.precision import describe
+
+    run_training(train_config(prepared_dir, tmp_path, "train.num_workers=0", "train.progress_seconds=0.01"))
+    out = capfd.readouterr().out
+    assert describe(torch.device("cpu"), "auto", "train") in out
+    progress = re.findall(r"^epoch 1/1: (\d+)/(\d+) images, [\d.]+ img/s, about \d+ s left in the epoch$", out,
+                          re.MULTILINE)
+    assert progress, out
+    assert all(int(done) <= int(total) for done, total in progress)

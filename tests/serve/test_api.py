@@ -12,8 +12,10 @@ import re
 import numpy as np
 import pytest
 import requests
+import torch
 from PIL import Image
 
+from boneage.precision import resolve_precision
 from cases import AGE_FIELD, bad_requests, post
 from boneage.imaging import decode_grayscale, fit_to_square
 from images import write_dicom, write_jpeg, write_png16
@@ -73,6 +75,8 @@ def test_model_health_page_and_docs(direct_url):
     model = requests.get(f"{direct_url}/v1/model", timeout=10).json()
     assert model["model"]["version"] == "1" and model["image_size"] == 64 and len(model["weights_sha256"]) == 64
     assert model["metrics"]["val_mae"] == 19.0
+    chosen = resolve_precision("auto", torch.device("cpu"), "predict")  # what the service computes in, said so
+    assert model["serving"]["precision"] == chosen and model["serving"]["computes_in"].startswith(f"precision {chosen}")
     assert requests.get(f"{direct_url}/healthz", timeout=10).json()["status"] == "ok"
     page = requests.get(direct_url, timeout=10)
     assert page.headers["content-type"].startswith("text/html") and 'id="query"' in page.text
