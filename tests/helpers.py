@@ -88,3 +88,18 @@ def make_bundle(folder: Path, seed: int = 0, val_mae: float = 9.5, data: str = "
     meta = {"name": name, "model": to_dict(cfg), "image_size": size, "target": {"mean": 120.0, "std": 40.0},
             "metrics": {"val_mae": val_mae}, "data": {"manifest_fingerprint": data}}
     return write_bundle(folder, model.state_dict(), meta), model
+
+
+def read_curves(run_folder: Path) -> dict[str, dict[int, float]]:
+    """The TensorBoard scalars of one run folder, as TensorBoard reads them: {tag: {step: value}}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_folder)).Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def as_logged(value: float) -> float:
+    """A metric as a TensorBoard scalar stores it (float32)."""
+    import numpy as np
+
+    return float(np.float32(value))

@@ -39,6 +39,7 @@ from boneage.artifacts import atomic_directory, sha256_json
 from boneage.augment import write_preview
 from boneage.bundle import promote_if_better, reference, register, write_bundle
 from boneage.config import Config, config_from_dict, to_dict
+from boneage.curves import TensorBoardCurves
 from boneage.dataset import batch_tensors, read_manifest, read_split
 from boneage.engine import EpochProgress, TrainStep, evaluate, synchronize
 from boneage.errors import JobError
@@ -349,8 +350,9 @@ def already_trained(finished: FinishedRun, cfg: Config) -> TrainOutcome:
 
 def make_trainer(cfg: Config, loop_config: dict[str, Any], datasets: dict[str, ray.data.Dataset], name: str,
                  storage: str, callbacks: list | None = None) -> TorchTrainer:
-    """The TorchTrainer for a run: workers and their resources, storage, failures, checkpoints, quiet logs.
-    ``callbacks`` are Ray Train callbacks, e.g. Tune's report callback when a sweep runs the trainer."""
+    """The TorchTrainer for a run: workers and their resources, storage, failures, checkpoints, quiet logs, and
+    TensorBoard curves in the run's folder. ``callbacks`` are more Ray Train callbacks, e.g. Tune's report callback
+    when a sweep runs the trainer."""
     tc = cfg.train
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config, datasets=datasets, dataset_config=ordered_ingest(),
@@ -363,7 +365,7 @@ def make_trainer(cfg: Config, loop_config: dict[str, Any], datasets: dict[str, r
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints, checkpoint_score_attribute=METRIC,
                                                checkpoint_score_order="min"),
             logging_config=LoggingConfig(log_level="WARNING"),  # the epoch lines say what matters
-            callbacks=callbacks,
+            callbacks=[*TensorBoardCurves.for_run(storage, name), *(callbacks or [])],
             # Ray Train reroutes print() through its loggers, which printed each epoch line twice.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}))
 

@@ -2,7 +2,8 @@
 
 The Train V2 pattern: every Tune trial is a small driver that builds and fits the same ``TorchTrainer`` as
 ``jobs/train.py`` (:func:`boneage.train.make_trainer`), its Train run named after the trial, and Tune hears the
-epoch metrics through ``TuneReportCallback``. There is no second training loop.
+epoch metrics through ``TuneReportCallback``. There is no second training loop. Each trial's Train run writes its
+own TensorBoard curves, as every training run does.
 
 The search space is YAML under ``tune.search_space``, keyed by config key (see :data:`SEARCHABLE`)::
 
@@ -27,6 +28,7 @@ import pandas as pd
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.util.state import list_actors
@@ -55,6 +57,9 @@ TRIAL_DRIVER_MEMORY = 64 << 20  # bytes: what a trial asks for itself (its Train
 # wait 600 s before killing it, while the Train run goes on training and holding its CPUs. Kill it after a few
 # seconds instead: the Train controller it owns dies with it and Ray Train releases the workers' resources.
 STOPPED_TRIAL_GRACE_S = "5"
+# Each trial's Train run writes its TensorBoard curves (boneage.curves); Tune would add its own TensorBoard logger
+# and draw them again under other names. Its CSV and JSON loggers stay: the leaderboard reads their histories.
+TUNE_LOGGERS = (CSVLoggerCallback, JsonLoggerCallback)
 
 
 class SweepError(JobError, ValueError):
@@ -186,8 +191,11 @@ def run_sweep(cfg: Config) -> SweepOutcome:
         log.info("sweep %s: %d trials, up to %d at a time, %d epochs at most, baseline val MAE %.2f", name,
                  cfg.tune.num_samples, concurrency, cfg.tune.max_epochs, plan.baseline_mae)
         tuner = tune.Tuner(trainable, param_space=space, tune_config=_tune_config(cfg, concurrency),
-                           run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0))
-    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", STOPPED_TRIAL_GRACE_S)  # read when the sweep starts
+                           run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
+                                                     callbacks=[logger() for logger in TUNE_LOGGERS]))
+    # Both read when the sweep starts; a restored sweep keeps the callbacks it was created with.
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", STOPPED_TRIAL_GRACE_S)
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # only TUNE_LOGGERS, no second TensorBoard writer
     log.info("each trial: %s", waiting_for_workers(cfg))
     results = tuner.fit()
     table = leaderboard(results, list(space), cfg)

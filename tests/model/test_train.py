@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from boneage.bundle import load_bundle, versions
+from boneage.curves import CURVES
 from boneage.dataset import read_manifest
 from boneage.train import NonFiniteLoss, run_name, run_training
-from helpers import ROOT, train_config
+from helpers import ROOT, as_logged, read_curves, train_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -85,6 +86,11 @@ def test_two_workers_train_data_parallel(prepared_dir, tmp_path):
     kept = checkpoints(Path(outcome.run_path))
     assert 1 <= len(kept) <= 2
     assert str(load_bundle(outcome.bundle).meta["checkpoint"]) in {str(k) for k in kept}
+    # TensorBoard curves in the run's folder: every epoch's reported metrics, the last and the best among them.
+    curves = read_curves(Path(outcome.run_path))
+    assert set(curves) == set(CURVES) and all(sorted(points) == [1, 2, 3] for points in curves.values())
+    assert {tag: curves[tag][3] for tag in CURVES} == {tag: as_logged(outcome.final_metrics[tag]) for tag in CURVES}
+    assert curves["val_mae"][outcome.metrics["epoch"]] == as_logged(outcome.metrics["val_mae"])
 
 
 def test_the_same_seed_trains_the_same_model(prepared_dir, tmp_path):

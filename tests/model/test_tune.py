@@ -13,10 +13,11 @@ import pytest
 import ray
 
 from boneage.bundle import read_best, resolve
+from boneage.curves import CURVES
 from boneage.dataset import read_manifest
 from boneage.tune import (SweepError, parse_search_space, run_sweep, sweep_name, trial_concurrency,
                           write_leaderboard)
-from helpers import ROOT, train_config
+from helpers import ROOT, as_logged, read_curves, train_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -55,12 +56,30 @@ def test_sweep_stops_weak_trials_early_writes_a_leaderboard_and_promotes_a_bette
     assert pd.read_csv(outcome.leaderboard).shape[0] == 4
     assert "| trial" in (outcome.leaderboard.parent / "leaderboard.md").read_text()
 
+    assert_one_tensorboard_run_per_trial(tmp_path / "runs", sweep_name(cfg, read_manifest(prepared_dir)), table)
+
     assert cpus_come_back(), "a stopped trial kept its Train run's CPUs"
 
     assert outcome.promoted and "beats version 99" in outcome.promotion
     assert resolve(f"{cfg.registry.name}:best", cfg.registry.root) == outcome.bundle
     meta = json.loads((outcome.bundle / "bundle.json").read_text())
     assert meta["metrics"]["val_mae"] == pytest.approx(table["best_val_mae"].iloc[0])
+
+
+def assert_one_tensorboard_run_per_trial(runs: Path, sweep: str, table: pd.DataFrame) -> None:
+    """Each trial's Train run holds its curves, epoch by epoch as Tune heard them; nothing else is drawn (Tune's own
+    TensorBoard logger would draw each trial again in the sweep's folder)."""
+    drawn = {events.parent for events in runs.rglob("events.out.tfevents.*")}
+    assert drawn == {runs / f"{sweep}-{trial}" for trial in table["trial"]}
+    for row in table.itertuples():
+        curves = read_curves(runs / f"{sweep}-{row.trial}")
+        assert set(curves) == set(CURVES)
+        # A trial ASHA stopped may have finished one more epoch before its Train run was stopped: drawn, not heard.
+        assert all(sorted(points) == list(range(1, len(points) + 1)) and len(points) in (row.epochs, row.epochs + 1)
+                   for points in curves.values())
+        val_mae = [curves["val_mae"][epoch] for epoch in range(1, row.epochs + 1)]
+        assert val_mae == pytest.approx([float(v) for v in row.val_mae.split()], abs=0.051)
+        assert min(val_mae) == as_logged(row.best_val_mae)
 
 
 def cpus_come_back(timeout: float = 60) -> bool:
