@@ -1,5 +1,16 @@
-"""Reading a prepared dataset: its manifest, its splits (as Ray Datasets, or as tensors without Ray), and the
-image column: raw uint8 pixels, one fixed-size binary value per image.
+"""Reading a prepared dataset: where its parts live, its manifest, its splits (as Ray Datasets, or as tensors
+without Ray), and the image column: raw uint8 pixels, one fixed-size binary value per image.
+
+The folder layout (written by :mod:`boneage.prepare`) is known here only::
+
+    split=train/*.parquet  split=val/*.parquet  split=test/*.parquet   (or split=unlabeled/)
+    _manifest.json  _rejects.csv  _config.yaml
+
+The split folders are hive-style partitions, so a standard reader of the root (``pyarrow.dataset.dataset(root,
+partitioning="hive")``, ``pandas.read_parquet(root)``, ``ray.data.read_parquet(root)``) gives every row with its
+``split``; the metadata names start with ``_``, which those readers skip. ``split`` lives in the folder names only:
+a ``split`` column inside the files as well makes ``pandas.read_parquet`` fail (a string column against pyarrow's
+dictionary-typed partition field).
 
 Parquet stores a fixed-size binary column as one value per row, so reading an epoch is a bulk copy; a nested
 list-of-pixels column (Ray's tensor type) costs one Parquet value per pixel and reads about 20x slower.
@@ -21,7 +32,26 @@ if TYPE_CHECKING:
     import ray.data
     import torch
 
-MANIFEST = "manifest.json"
+SPLIT_COLUMN = "split"
+MANIFEST = "_manifest.json"
+REJECTS = "_rejects.csv"
+CONFIG = "_config.yaml"
+OLD_LAYOUT_MANIFEST = "manifest.json"  # beside train/ val/ test/ folders, before prepare version 3
+
+
+class OldPreparedLayout(JobError, FileNotFoundError):
+    """The folder was prepared in the layout before hive-style split folders: the prepare job rebuilds it."""
+
+
+def split_path(root: str | Path, split: str) -> Path:
+    """The folder of one split's Parquet parts: a hive-style ``split=<name>`` partition of ``root``."""
+    return Path(root) / f"{SPLIT_COLUMN}={split}"
+
+
+def split_names(root: str | Path) -> list[str]:
+    """The splits a prepared folder holds, sorted."""
+    prefix = f"{SPLIT_COLUMN}="
+    return sorted(p.name.removeprefix(prefix) for p in Path(root).glob(f"{prefix}*") if p.is_dir())
 
 
 class DatasetNotPrepared(JobError, FileNotFoundError):
@@ -32,6 +62,9 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     """The manifest of a prepared dataset folder; :class:`DatasetNotPrepared` when it has none."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
+        if (Path(folder) / OLD_LAYOUT_MANIFEST).is_file():
+            raise OldPreparedLayout(f"{folder} was prepared by an older version (train/ val/ folders, no "
+                                    f"{MANIFEST}); rerun jobs/prepare.py with the same settings to rebuild it")
         raise DatasetNotPrepared(f"data.out={folder} is not a prepared dataset (no {MANIFEST}): run "
                                  "jobs/prepare.py with the same data settings first")
     return json.loads(path.read_text())
@@ -66,26 +99,36 @@ def batch_tensors(columns, image_size: int) -> dict[str, torch.Tensor]:
 
 
 def read_split(root: str | Path, split: str) -> ray.data.Dataset:
-    """One split (``train``, ``val``, ``test`` or ``unlabeled``) of a prepared dataset as a Ray Dataset."""
+    """One split (``train``, ``val``, ``test`` or ``unlabeled``) of a prepared dataset as a Ray Dataset, with the
+    ``split`` column (a string, from the folder name)."""
     import ray.data  # here, not at the top: the column helpers above also run where Ray is not installed
+    from ray.data.datasource import Partitioning
 
-    path = Path(root) / split
-    if not path.is_dir():
-        raise FileNotFoundError(f"{root} has no '{split}' split; its splits are: "
-                                f"{', '.join(sorted(p.name for p in Path(root).iterdir() if p.is_dir()))}")
+    path = _existing_split_path(root, split)
     context = quiet_context()
     context.execution_options.preserve_order = True  # rows in file order: the same seed gives the same batches
     with ray.data.DataContext.current(context):  # a dataset keeps the context it was created in
-        return ray.data.read_parquet(str(path))
+        # base_dir: only the split folder is a partition, not a "key=value" folder above the dataset
+        return ray.data.read_parquet(str(path), partitioning=Partitioning("hive", base_dir=str(path.parent)))
 
 
 def load_split(root: str | Path, split: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """One split read whole, without Ray, as tensors on ``device``: ``image`` (N, 1, S, S) uint8, ``boneage``
     (N,) float32 months, ``male`` (N,) float32. For in-memory loops: benchmarks, and GPU boxes without Ray."""
     image_size = read_manifest(root)["image_size"]  # first: a folder that is not a prepared dataset says so
-    table = pq.read_table(Path(root) / split, columns=["image", "boneage", "male"])
+    table = pq.read_table(_existing_split_path(root, split), columns=["image", "boneage", "male"])
     batch = batch_tensors(table, image_size)
     return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
+def _existing_split_path(root: str | Path, split: str) -> Path:
+    """:func:`split_path`, checked: a missing split is named with the ones that exist, and a folder that is not
+    a prepared dataset (or was prepared in the old layout) says what to do."""
+    path = split_path(root, split)
+    if not path.is_dir():
+        read_manifest(root)
+        raise FileNotFoundError(f"{root} has no '{split}' split; its splits are: {', '.join(split_names(root))}")
+    return path
 
 
 def quiet_context() -> ray.data.DataContext:

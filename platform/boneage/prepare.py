@@ -1,11 +1,12 @@
 """The prepare job: labels + images -> validated, split, decoded, resized Parquet that Ray Train streams.
 
-Output folder ``data.out``::
+Output folder ``data.out`` (the layout: :mod:`boneage.dataset`)::
 
-    train/*.parquet  val/*.parquet  test/*.parquet   columns: id, image (HxW uint8 bytes), boneage, male, split
-    manifest.json    counts, label statistics, preprocessing, source hashes, code version, input fingerprint
-    rejects.csv      id, path, reason: every row or file left out, and why
-    config.yaml      the fully resolved config of the run
+    split=train/*.parquet  split=val/*.parquet  split=test/*.parquet   columns: id, image (HxW uint8 bytes),
+                                                                       boneage, male; split from the folder name
+    _manifest.json   counts, label statistics, preprocessing, source hashes, code version, input fingerprint
+    _rejects.csv     id, path, reason: every row or file left out, and why
+    _config.yaml     the fully resolved config of the run
 
 Decoding runs in parallel with Ray Data ``map_batches``. The folder is built in a temporary sibling and renamed
 into place, so a failed run never leaves a half-written dataset. When the inputs, settings and preprocessing are
@@ -36,7 +37,8 @@ from ray.data.datasource import WriteResult
 
 from boneage.artifacts import atomic_directory, code_version, sha256_file, sha256_json, write_json
 from boneage.config import Config, DataConfig, save_config, to_dict
-from boneage.dataset import MANIFEST, image_column, quiet_context, read_manifest
+from boneage.dataset import (CONFIG, MANIFEST, REJECTS, SPLIT_COLUMN, image_column, quiet_context, read_manifest,
+                             split_path)
 from boneage.errors import JobError
 from boneage.imaging import PREPROCESSING, REJECT_UNDECODABLE, ImageRejected, load_radiograph
 from boneage.rsna import (REJECT_COLUMNS, REJECT_DUPLICATE_ID, LabelsError, LabelTable, read_labels,
@@ -46,9 +48,9 @@ from boneage.splits import TEST, UNLABELED, assign_splits
 log = logging.getLogger(__name__)
 
 # Bump when decoding, resizing or the output layout change: older prepared folders are then rebuilt.
-PREPARE_VERSION = 2
-OUTPUT_COLUMNS = ["id", "image", "boneage", "male", "split"]
-REJECTS = "rejects.csv"
+# 3: hive-style split=<name>/ folders, split only in the folder name, metadata files named _*.
+PREPARE_VERSION = 3
+PART_COLUMNS = ["id", "image", "boneage", "male"]  # and split, from the folder name
 MIN_DECODE_TASKS = 8
 # Settings that do not change the prepared rows; everything else in DataConfig goes into the fingerprint.
 _NOT_FINGERPRINTED = ("out", "decode_batch_size", "max_reject_fraction")
@@ -92,7 +94,7 @@ def prepare_dataset(cfg: Config) -> Path:
         _check_reject_fraction(rejects, rows.total, data, out)
         kept = rows.table[~rows.table["id"].isin(sink.rejects["id"])]
         rejects.to_csv(tmp / REJECTS, index=False)
-        save_config(cfg, tmp / "config.yaml")
+        save_config(cfg, tmp / CONFIG)
         write_json(tmp / MANIFEST, build_manifest(data, kept, rejects, rows.total, sources, fingerprint))
     counts = kept["split"].value_counts().sort_index()
     log.info("prepared %s: %s; %d rejected (see %s)", out,
@@ -161,7 +163,7 @@ def decode_batch(batch: dict[str, np.ndarray], size: int, max_megapixels: float)
 
 
 class SplitParquetSink(Datasink[pd.DataFrame]):
-    """Writes decoded rows to ``<folder>/<split>/*.parquet`` and collects the rows that failed to decode.
+    """Writes decoded rows to ``<folder>/split=<split>/*.parquet`` and collects the rows that failed to decode.
 
     Ray Data fuses decoding and writing into one task per decode batch. Each task writes one file per split it
     holds (named after the task, so a retried task overwrites its own files) and returns its rejected rows, which
@@ -176,11 +178,12 @@ class SplitParquetSink(Datasink[pd.DataFrame]):
     def write(self, blocks: Iterable[Block], ctx) -> pd.DataFrame:
         table = pa.concat_tables([BlockAccessor.for_block(b).to_arrow() for b in blocks])
         failed = pc.not_equal(table["reject_reason"], "")
-        good = table.filter(pc.invert(failed)).select(OUTPUT_COLUMNS)
-        for split in pc.unique(good["split"]).to_pylist():
-            folder = Path(self.folder) / split
+        good = table.filter(pc.invert(failed))
+        for split in pc.unique(good[SPLIT_COLUMN]).to_pylist():
+            folder = split_path(self.folder, split)
             folder.mkdir(exist_ok=True)
-            pq.write_table(good.filter(pc.equal(good["split"], split)), folder / f"part-{ctx.task_idx:05d}.parquet")
+            rows = good.filter(pc.equal(good[SPLIT_COLUMN], split)).select(PART_COLUMNS)
+            pq.write_table(rows, folder / f"part-{ctx.task_idx:05d}.parquet")
         rejected = table.filter(failed).select(["id", "path", "reject_reason"]).to_pandas()
         return rejected.rename(columns={"reject_reason": "reason"})
 
@@ -196,14 +199,15 @@ def input_fingerprint(data: DataConfig, sources: list[dict[str, Any]]) -> str:
 
 def build_manifest(data: DataConfig, kept: pd.DataFrame, rejects: pd.DataFrame, total: int,
                    sources: list[dict[str, Any]], fingerprint: str) -> dict[str, Any]:
-    """What the prepared folder holds and how it was made (``manifest.json``)."""
+    """What the prepared folder holds and how it was made (``_manifest.json``)."""
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "fingerprint": fingerprint,
         "image_size": data.image_size,
         "columns": {"id": "string",
                     "image": f"{data.image_size}x{data.image_size} uint8 pixels, row-major, as fixed-size binary",
-                    "boneage": "float64 months (NaN when unlabeled)", "male": "bool", "split": "string"},
+                    "boneage": "float64 months (NaN when unlabeled)", "male": "bool",
+                    "split": "string, from the split=<name> folder"},
         "preprocessing": {**PREPROCESSING, "max_image_megapixels": data.max_image_megapixels,
                           "prepare_version": PREPARE_VERSION},
         "splits": {"counts": kept["split"].value_counts().sort_index().to_dict(), "val_fraction": data.val_fraction,
@@ -248,7 +252,7 @@ def _check_reject_fraction(rejects: pd.DataFrame, total: int, data: DataConfig, 
     fraction = len(rejects) / max(total, 1)
     if fraction <= data.max_reject_fraction and len(rejects) < total:
         return
-    report = out.with_name(f"{out.name}.{REJECTS}")
+    report = out.with_name(f"{out.name}.rejects.csv")
     report.parent.mkdir(parents=True, exist_ok=True)
     rejects.to_csv(report, index=False)
     reasons = rejects["reason"].str.split(":").str[0].value_counts().to_dict()

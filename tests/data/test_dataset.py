@@ -1,9 +1,13 @@
-"""The prepared image column round-trips exactly, and a missing split is named with the ones that exist."""
+"""The prepared image column round-trips exactly; a missing split is named with the ones that exist, and a folder
+in the old layout says to rerun the prepare job."""
+
+import json
 
 import numpy as np
 import pytest
 
-from boneage.dataset import image_column, images_from_column, read_split
+from boneage.dataset import (MANIFEST, OLD_LAYOUT_MANIFEST, OldPreparedLayout, image_column, images_from_column,
+                             load_split, read_manifest, read_split, split_path)
 
 
 def test_image_column_round_trip():
@@ -15,7 +19,23 @@ def test_image_column_round_trip():
 
 
 def test_reading_a_missing_split_names_the_existing_ones(tmp_path):
+    (tmp_path / MANIFEST).write_text(json.dumps({"image_size": 8}))
+    split_path(tmp_path, "train").mkdir()
+    split_path(tmp_path, "val").mkdir()
+    for read in (read_split, load_split):
+        with pytest.raises(FileNotFoundError, match="no 'test' split; its splits are: train, val"):
+            read(tmp_path, "test")
+
+
+def test_a_folder_in_the_old_layout_says_to_rerun_prepare(tmp_path):
+    (tmp_path / OLD_LAYOUT_MANIFEST).write_text(json.dumps({"image_size": 8}))
     (tmp_path / "train").mkdir()
-    (tmp_path / "val").mkdir()
-    with pytest.raises(FileNotFoundError, match="no 'test' split; its splits are: train, val"):
-        read_split(tmp_path, "test")
+    for read in (read_manifest, lambda root: read_split(root, "train"), lambda root: load_split(root, "train")):
+        with pytest.raises(OldPreparedLayout, match=r"prepared by an older version.*rerun jobs/prepare.py"):
+            read(tmp_path)
+
+
+def test_a_folder_that_is_not_prepared_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a prepared dataset.*run jobs/prepare.py first") as raised:
+        read_split(tmp_path, "train")
+    assert not isinstance(raised.value, OldPreparedLayout)

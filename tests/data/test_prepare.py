@@ -1,4 +1,5 @@
-"""The Ray Data prepare job, end to end on real files: phantoms, bad inputs, atomic output, the real RSNA samples."""
+"""The Ray Data prepare job, end to end on real files: phantoms, bad inputs, atomic output, a folder that standard
+Parquet readers read, the old layout rebuilt, the real RSNA samples."""
 
 import json
 import shutil
@@ -8,12 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 
 import boneage.prepare as prepare_module
 from boneage.config import load_config
-from boneage.dataset import images_from_column, load_split, read_manifest, read_split
+from boneage.dataset import (CONFIG, MANIFEST, OLD_LAYOUT_MANIFEST, REJECTS, images_from_column, load_split,
+                             read_manifest, read_split, split_names, split_path)
 from boneage.prepare import TooManyRejects, prepare_dataset
 from helpers import ROOT, data_config
 from images import write_truncated_png
@@ -42,7 +48,7 @@ def test_prepare_phantoms(phantom_dir, tmp_path):
     assert manifest["rejects"]["count"] == 0 and manifest["image_size"] == 32
     assert manifest["sources"][0]["format"] == "kaggle-train" and len(manifest["sources"][0]["labels_sha256"]) == 64
     assert manifest["code_version"]["package"]
-    assert load_config(out / "config.yaml") == cfg  # the resolved config, reloadable as is
+    assert load_config(out / CONFIG) == cfg  # the resolved config, reloadable as is
 
     seen = set()
     for split, n in counts.items():
@@ -54,7 +60,7 @@ def test_prepare_phantoms(phantom_dir, tmp_path):
         assert (rows["boneage"].to_numpy() == labels.loc[rows["id"], "boneage"].to_numpy()).all()
         seen |= set(rows["id"])
     assert seen == set(labels.index)  # every row in exactly one split
-    assert pd.read_csv(out / "rejects.csv").empty
+    assert pd.read_csv(out / REJECTS).empty
 
 
 def test_load_split_reads_the_same_rows_as_ray_data_without_ray(prepared_dir):
@@ -65,7 +71,46 @@ def test_load_split_reads_the_same_rows_as_ray_data_without_ray(prepared_dir):
     assert np.array_equal(tensors["boneage"].numpy(), rows["boneage"].to_numpy().astype(np.float32))
     assert np.array_equal(tensors["male"].numpy(), rows["male"].to_numpy().astype(np.float32))
     with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
-        load_split(prepared_dir / "train", "val")
+        load_split(split_path(prepared_dir, "train"), "val")
+
+
+def test_standard_parquet_readers_read_every_row_of_the_folder_with_its_split(prepared_dir):
+    expected = pd.concat([read_split_frame(prepared_dir, s) for s in split_names(prepared_dir)])
+    expected_rows = sorted(zip(expected["id"], expected["split"]))
+    arrow = ds.dataset(prepared_dir, partitioning="hive").to_table()
+    ray_data = ray.data.read_parquet(str(prepared_dir))
+    frames = {"pyarrow.dataset": arrow.to_pandas(), "pq.read_table": pq.read_table(prepared_dir).to_pandas(),
+              "pandas": pd.read_parquet(prepared_dir), "ray.data": ray_data.to_pandas()}
+    for reader, rows in frames.items():
+        assert sorted(rows.columns) == ["boneage", "id", "image", "male", "split"], reader
+        assert sorted(zip(rows["id"], rows["split"].astype(str))) == expected_rows, reader
+    assert arrow.schema.field("split").type == pa.string() and pa.types.is_fixed_size_binary(arrow["image"].type)
+    assert ray_data.schema().base_schema.field("split").type == pa.string()
+    assert expected["split"].map(type).eq(str).all()  # read_split gives strings too
+    # pq.read_table (and so pandas) types a hive partition as a dictionary: a categorical of the split names
+    assert isinstance(frames["pandas"]["split"].dtype, pd.CategoricalDtype)
+
+
+def old_layout(folder: Path) -> None:
+    """Turn a prepared folder into the layout before prepare version 3: train/ val/ test/, manifest.json."""
+    for split in split_names(folder):
+        split_path(folder, split).rename(folder / split)
+    (folder / MANIFEST).rename(folder / OLD_LAYOUT_MANIFEST)
+
+
+def test_the_old_layout_is_refused_by_training_and_rebuilt_by_prepare(prepared_dir, phantom_dir, tmp_path):
+    old = tmp_path / "prepared"
+    shutil.copytree(prepared_dir, old)
+    old_layout(old)
+    train = subprocess.run([sys.executable, "jobs/train.py", "--set", f"data.out={old}"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert train.returncode == 1 and "Traceback" not in train.stderr
+    assert train.stderr.strip().splitlines()[-1] == (
+        f"error: {old} was prepared by an older version (train/ val/ folders, no {MANIFEST}); rerun "
+        "jobs/prepare.py with the same settings to rebuild it")
+    assert prepare_dataset(data_config(phantom_dir / "boneage-training-dataset.csv", phantom_dir, old)) == old
+    assert sorted(p.name for p in old.iterdir()) == sorted([CONFIG, MANIFEST, REJECTS, "split=test", "split=train",
+                                                            "split=val"])
 
 
 def test_rerun_on_unchanged_inputs_reuses_the_output(phantom_dir, tmp_path):
@@ -86,7 +131,7 @@ def test_undecodable_images_are_reported_not_dropped(phantom_dir, tmp_path):
     write_truncated_png(next(images.rglob(f"{bad_id}.png")))
     out = tmp_path / "prepared"
     prepare_dataset(data_config(labels, images, out, "data.max_reject_fraction=0.05"))
-    rejects = pd.read_csv(out / "rejects.csv", dtype={"id": str})
+    rejects = pd.read_csv(out / REJECTS, dtype={"id": str})
     assert rejects["id"].tolist() == [bad_id]
     assert rejects["reason"].iloc[0].startswith("truncated_image")
     assert sum(read_manifest(out)["splits"]["counts"].values()) == 59
@@ -155,7 +200,7 @@ def test_prepare_job_command_line(phantom_dir, tmp_path):
          f"data.out={out}", "data.image_size=32"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert f"prepared: {out}" in result.stdout
-    assert json.loads((out / "manifest.json").read_text())["image_size"] == 32
+    assert json.loads((out / MANIFEST).read_text())["image_size"] == 32
 
 
 @pytest.mark.real_data

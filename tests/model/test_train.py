@@ -21,7 +21,7 @@ import torch
 
 from boneage.bundle import load_bundle, versions
 from boneage.curves import CURVES
-from boneage.dataset import read_manifest
+from boneage.dataset import MANIFEST, read_manifest, split_path
 from boneage.train import NonFiniteLoss, run_name, run_training
 from helpers import ROOT, as_logged, read_curves, train_config
 
@@ -171,19 +171,18 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(prepare
     assert len(kept) == 1
 
     poisoned = tmp_path / "poisoned"
-    (poisoned / "train").mkdir(parents=True)
-    for split in ["val"]:
-        (poisoned / split).symlink_to(prepared_dir / split)
-    (poisoned / "manifest.json").symlink_to(prepared_dir / "manifest.json")
-    for part in (prepared_dir / "train").glob("*.parquet"):
+    split_path(poisoned, "train").mkdir(parents=True)
+    split_path(poisoned, "val").symlink_to(split_path(prepared_dir, "val"))
+    (poisoned / MANIFEST).symlink_to(prepared_dir / MANIFEST)
+    for part in split_path(prepared_dir, "train").glob("*.parquet"):
         table = pq.read_table(part)
         nan = pa.array([float("nan")] * len(table), pa.float64())
         pq.write_table(table.set_column(table.schema.get_field_index("boneage"), "boneage", nan),
-                       poisoned / "train" / part.name)
+                       split_path(poisoned, "train") / part.name)
     with pytest.raises(NonFiniteLoss, match=r"NaN or infinite in epoch 2.*Last good checkpoint: .*checkpoint_"):
         run_training(train_config(poisoned, tmp_path, "train.run_name=nan-run", "train.epochs=2"))
     assert checkpoints(tmp_path / "runs" / "nan-run") == kept
-    assert pc.all(pc.is_finite(pq.read_table(prepared_dir / "train")["boneage"])).as_py()
+    assert pc.all(pc.is_finite(pq.read_table(split_path(prepared_dir, "train"))["boneage"])).as_py()
 
 
 def test_preview_job_writes_a_grid_of_training_images(prepared_dir, tmp_path):
