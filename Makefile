@@ -28,8 +28,8 @@ CLUSTER := $(PY) -m boneage.cluster
 # step is a job too: run here, Ray's auto-discovery would join whatever cluster it finds on the machine.
 OUT := $(CURDIR)/outputs
 DATA_PATHS := data.labels=$(OUT)/phantoms/boneage-training-dataset.csv data.images=$(OUT)/phantoms \
-	data.out=$(OUT)/prepared/phantoms-64
-JOB_PATHS := data.out=$(OUT)/prepared/phantoms-64 train.storage_path=$(OUT)/ray_results registry.root=$(OUT)/registry
+	data.out=$(OUT)/prepared/phantoms-32
+JOB_PATHS := data.out=$(OUT)/prepared/phantoms-32 train.storage_path=$(OUT)/ray_results registry.root=$(OUT)/registry
 
 demo: $(BASE)
 	$(PY) jobs/make_phantoms.py --config configs/demo.yaml

@@ -8,7 +8,7 @@ comment that GitHub does not show:
 
 A block without one fails ``test_every_snippet_is_marked``, so whoever adds a block decides. Blocks marked ``run``
 execute for real (bash -e, or python), each in the same temporary copy of the project, whose ``outputs/`` holds
-what ``make demo`` leaves there, in miniature (``project`` below): the phantoms, their 64 px prepared dataset, and
+what ``make demo`` leaves there, in miniature (``project`` below): the phantoms, their 32 px prepared dataset, and
 a registered ``boneage-vgg16:best``. ``python`` is the interpreter running the tests, with the library it imports,
 and a job's Ray is a local one of its own, as on a machine without a cluster. Only SUBSTITUTIONS change a block
 before it runs. A run block must exit 0, print the line EXPECTED_OUTPUT gives for each command it runs, and write
@@ -133,8 +133,8 @@ def expected_lines(code: str) -> list[str]:
 @pytest.fixture(scope="module")
 def project(phantom_dir, ray_session, tmp_path_factory) -> Path:
     """A copy of the project as a clone has it, with ``outputs/`` as ``make demo`` leaves it, in miniature:
-    ``outputs/phantoms`` (the session's 60 phantoms at 64 px), ``outputs/prepared/phantoms-64`` (configs/demo.yaml's
-    data.out) and ``outputs/registry`` with a random-weights 64 px bundle as ``boneage-vgg16:best``."""
+    ``outputs/phantoms`` (the session's 60 phantoms at 64 px), ``outputs/prepared/phantoms-32`` (configs/demo.yaml's
+    data.out) and ``outputs/registry`` with a random-weights 32 px bundle as ``boneage-vgg16:best``."""
     from boneage.bundle import promote_if_better, register
     from boneage.config import load_config
     from boneage.prepare import prepare_dataset
@@ -146,8 +146,8 @@ def project(phantom_dir, ray_session, tmp_path_factory) -> Path:
     shutil.copytree(phantom_dir, outputs / "phantoms")
     prepare_dataset(load_config(copy / "configs" / "demo.yaml", [
         f"data.labels={outputs / 'phantoms' / 'boneage-training-dataset.csv'}",
-        f"data.images={outputs / 'phantoms'}", f"data.out={outputs / 'prepared' / 'phantoms-64'}"]))
-    bundle, _ = make_bundle(tmp_path_factory.mktemp("bundle"), size=64, name="boneage-vgg16")
+        f"data.images={outputs / 'phantoms'}", f"data.out={outputs / 'prepared' / 'phantoms-32'}"]))
+    bundle, _ = make_bundle(tmp_path_factory.mktemp("bundle"), size=32, name="boneage-vgg16")
     assert promote_if_better(register(bundle, outputs / "registry", "boneage-vgg16"), outputs / "registry",
                              "boneage-vgg16").promoted
     return copy

@@ -36,6 +36,6 @@ def test_a_folder_in_the_old_layout_says_to_rerun_prepare(tmp_path):
 
 
 def test_a_folder_that_is_not_prepared_says_so(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a prepared dataset.*run jobs/prepare.py first") as raised:
+    with pytest.raises(FileNotFoundError, match="not a prepared dataset.*run jobs/prepare.py") as raised:
         read_split(tmp_path, "train")
     assert not isinstance(raised.value, OldPreparedLayout)
