@@ -10,7 +10,8 @@ ALIASES = {"--out": "phantoms.out", "--n": "phantoms.n", "--seed": "phantoms.see
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_job_args(argv, description=__doc__, default_config=None, areas=["phantoms"], aliases=ALIASES)
+    cfg = parse_job_args(argv, description=__doc__, default_config=None, areas=["phantoms"], aliases=ALIASES,
+                         uses_ray=False)
     print(f"phantoms: {generate_phantoms(cfg)}")
 
 

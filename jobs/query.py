@@ -14,7 +14,8 @@ ALIASES = {"--url": "query.url", "--file": "query.file", "--sex": "query.sex",
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_job_args(argv, description=__doc__, default_config=None, areas=["query"], aliases=ALIASES)
+    cfg = parse_job_args(argv, description=__doc__, default_config=None, areas=["query"], aliases=ALIASES,
+                         uses_ray=False)
     answer = query_service(cfg.query)
     print(describe_answer(answer))
     if cfg.query.overlay_out:

@@ -14,11 +14,13 @@ from boneage.errors import JobError
 
 
 def parse_job_args(argv: Sequence[str] | None, *, description: str, default_config: str | None,
-                   areas: Sequence[str], aliases: dict[str, str] | None = None) -> Config:
+                   areas: Sequence[str], aliases: dict[str, str] | None = None, uses_ray: bool = True) -> Config:
     """Parse a job's arguments into a validated :class:`Config`; on a bad key or value, exit 2 with the reason.
 
     ``aliases`` maps short flags to config keys (``{"--out": "phantoms.out"}``): ``--out D`` is ``--set
     phantoms.out=D``, so there is still one config system. ``areas`` selects the keys listed in ``--help``.
+    A job that ``uses_ray`` says so in its first line, before the imports that take a while, and keeps Ray Data's
+    progress records out of its log.
     """
     keys = [line for line in describe() if line.split(".", 1)[0] in areas]
     parser = _OneLineErrors(
@@ -38,6 +40,8 @@ def parse_job_args(argv: Sequence[str] | None, *, description: str, default_conf
     except ConfigError as err:
         parser.error(str(err))
     _log_to_stdout()
+    if uses_ray:
+        _announce_and_quiet_ray()
     return cfg
 
 
@@ -50,7 +54,7 @@ class _OneLineErrors(argparse.ArgumentParser):
 
 
 def _log_to_stdout() -> None:
-    """The library's progress lines, plain, on stdout (the Ray job log), without Ray's own records."""
+    """The library's progress lines, plain, on stdout (the Ray job log)."""
     logger = logging.getLogger("boneage")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stdout)
@@ -58,8 +62,12 @@ def _log_to_stdout() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
-    # The job's first line, before the imports that take a minute on a busy 2-core machine.
-    logger.info("%s: settings read; loading Ray and PyTorch ...", Path(sys.argv[0]).name)
+
+
+def _announce_and_quiet_ray() -> None:
+    """The job's first line, before the imports that take a minute on a busy 2-core machine; then Ray Data's
+    console records down to warnings."""
+    logging.getLogger("boneage").info("%s: settings read; loading Ray and PyTorch ...", Path(sys.argv[0]).name)
     # Ray Data prints every operator's progress at INFO: a wall of internals in a job log. Its console keeps
     # warnings; its full log still goes to the session's ray-data.log. Importing ray.data applies its logging
     # config, so do that first or it would undo this later.

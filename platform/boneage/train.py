@@ -87,6 +87,7 @@ class FinishedRun:
     FILE: ClassVar[str] = "finished_run.json"
 
     run: str
+    learned: str  # learned_fingerprint of the run's settings
     run_path: str
     checkpoint: str  # the best checkpoint, to export again if the bundle is deleted
     bundle: str  # the registered version folder
@@ -300,10 +301,11 @@ def run_training(cfg: Config) -> TrainOutcome:
     """Train on ``cfg.data.out`` with Ray Train, register the best checkpoint as a model bundle, and promote it
     to the registry's ``best`` alias if it beats the current best on the same validation split. A run that
     already finished (the same settings) is not trained again: its bundle is returned."""
-    name = cfg.train.run_name or run_name(cfg, read_manifest(cfg.data.out))
+    manifest = read_manifest(cfg.data.out)
+    learned, name = learned_fingerprint(cfg, manifest), cfg.train.run_name or run_name(cfg, manifest)
     storage = storage_path(cfg.train.storage_path)
     finished = FinishedRun.load(storage, name)
-    if finished is not None:
+    if finished is not None and finished.learned == learned:  # a reused train.run_name with other settings trains
         return already_trained(finished, cfg)
     plan = plan_run(cfg)
     loop_config = plan.loop_config(cfg)
@@ -320,8 +322,8 @@ def run_training(cfg: Config) -> TrainOutcome:
     best, metrics = best_checkpoint(result, name)
     bundle = export_bundle(best, cfg, plan, metrics, name)
     log.info("%s", promote_if_better(bundle, cfg.registry.root, cfg.registry.name).message)
-    finished = FinishedRun(run=name, run_path=result.path, checkpoint=best.path, bundle=str(bundle),
-                           metrics=_numbers(metrics), final_metrics=_numbers(result.metrics),
+    finished = FinishedRun(run=name, learned=learned, run_path=result.path, checkpoint=best.path,
+                           bundle=str(bundle), metrics=_numbers(metrics), final_metrics=_numbers(result.metrics),
                            baseline_mae=plan.baseline_mae)
     finished.save(storage)
     return finished.outcome()
@@ -439,10 +441,15 @@ def mean_baseline_mae(val: ray.data.Dataset, train_mean: float) -> float:
 def run_name(cfg: Config, manifest: dict[str, Any]) -> str:
     """A name fixed by what the run learns (data, model, augmentations, optimisation), so resubmitting the same
     job finds and resumes its own run, and a changed setting starts a new one."""
+    return f"{cfg.registry.name}-{learned_fingerprint(cfg, manifest)[:10]}"
+
+
+def learned_fingerprint(cfg: Config, manifest: dict[str, Any]) -> str:
+    """A hash of what a run learns: the data, model, augmentations and optimisation settings."""
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in _RUN_NAME_EXCLUDES}
     learns = {"data": manifest["fingerprint"], "model": to_dict(cfg.model), "augment": to_dict(cfg.augment),
               "train": train}
-    return f"{cfg.registry.name}-{sha256_json(learns)[:10]}"
+    return sha256_json(learns)
 
 
 def storage_path(path: str) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+import requests
 from playwright.sync_api import ConsoleMessage, Page, expect, sync_playwright
 
 from cases import AGE_FIELD, post
@@ -141,8 +142,9 @@ def test_the_radiograph_pane_shows_what_the_service_decoded(home, service_url, t
     home.assert_clean()
 
 
-def test_the_page_has_an_icon_and_its_header_names_the_model(home):
-    assert home.page.text_content("#model") == "model: tiny version 1"
+def test_the_page_has_an_icon_and_its_header_names_the_model(home, service_url):
+    served = requests.get(f"{service_url}/v1/model", timeout=30).json()["model"]  # other tests swap versions
+    assert home.page.text_content("#model") == f"model: {served['name']} version {served['version']}"
     icon = home.page.get_attribute("link[rel=icon]", "href")
     assert icon.startswith("data:image/svg+xml")  # inline: no request, no 404
     width = home.page.evaluate("""(src) => new Promise((done) => {
