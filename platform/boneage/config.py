@@ -142,7 +142,7 @@ class TrainConfig:
                                             "re-reading Parquet; turn off for data larger than the object store")
     precision: Literal["auto", "bf16", "fp32"] = setting(
         "auto", doc="auto: bf16 autocast on GPUs and on CPUs with bf16 instructions, where it trains faster (AMX: "
-                    "2.4x; avx512_bf16 without AMX, e.g. AMD Zen 4: 1.75x on one thread), fp32 on other CPUs; see "
+                    "2.4x; avx512_bf16 without AMX, e.g. AMD Zen 4: 2.0x), fp32 on other CPUs; see "
                     "boneage.precision and bench/results/precision.json")
     progress_seconds: float = setting(30.0, low=0.01, high=86_400.0, doc="a progress line within an epoch at "
                                                                           "least this often (images, img/s, time left)")

@@ -7,9 +7,9 @@ per job (training, or predicting with a trained model), from bench/results/preci
 - CUDA GPUs: bf16 for both.
 - CPUs with AMX (Intel Sapphire Rapids and later): bf16 for both; 2.4x faster training, 3-3.4x faster predicts
   at batch 8-32 (2-core Xeon).
-- CPUs with avx512_bf16 but no AMX (AMD Zen 4 and later): bf16 for both; on a 2-core EPYC 1.75x faster training
-  on one thread (16.4 against 9.3 img/s), 1.2x on two, and predicts 1.1-1.6x faster at batch 1, 8 and 32 (one
-  of six timings, batch 1 on a machine at load average 100, was 0.84x). Measured on a shared, loaded machine.
+- CPUs with avx512_bf16 but no AMX (AMD Zen 4 and later): bf16 for both; on a 2-core EPYC 2.0x faster training
+  on one thread and 2.1x on two (64 px), predicts 1.5x and 1.6x faster at batch 8 and 32; at batch 1 bf16 is 6%
+  slower (10.6 against 11.4 ms), which batching under load outweighs.
 - Other CPUs (AVX2 and older): fp32; bf16 is emulated there and slower.
 """
 
