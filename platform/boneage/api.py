@@ -111,6 +111,13 @@ def create_api(backend: Backend, settings: ServeConfig) -> FastAPI:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)
+    _add_assessment_routes(app, backend, settings)
+    _add_service_routes(app, backend)
+    return app
+
+
+def _add_assessment_routes(app: FastAPI, backend: Backend, settings: ServeConfig) -> None:
+    """``/v1/predict`` and ``/v1/explain``: a radiograph in, its bone age out."""
     given = _parameters()
 
     @app.post(f"/{API_VERSION}/predict", summary="Bone age of one radiograph",
@@ -145,6 +152,10 @@ def create_api(backend: Backend, settings: ServeConfig) -> FastAPI:
                              "heatmap": heatmap_grid(result.heatmap, settings.heatmap_cells),
                              **await _canvas_field(query, canvas)})
 
+
+def _add_service_routes(app: FastAPI, backend: Backend) -> None:
+    """``/v1/model``, ``/healthz`` and the web page at ``/``."""
+
     @app.get(f"/{API_VERSION}/model", summary="The served model: bundle metadata, metrics and serving settings")
     async def model() -> dict[str, Any]:
         meta = backend.predictor.bundle.meta
@@ -161,8 +172,6 @@ def create_api(backend: Backend, settings: ServeConfig) -> FastAPI:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(resources.files("boneage").joinpath("resources/index.html").read_text())
-
-    return app
 
 
 CANVAS_DOC = ("With `?canvas=true` the JSON answer also holds `canvas_png_base64`: the radiograph as the service "

@@ -169,28 +169,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         step.start_epoch(epoch)
         progress = EpochProgress(epoch + 1, tc.epochs, steps_per_epoch * tc.batch_size * world, world,
                                  tc.progress_seconds)
-        for batch in train_shard.iter_torch_batches(
-                batch_size=tc.batch_size, prefetch_batches=tc.prefetch_batches, collate_fn=collate,
-                drop_last=True, local_shuffle_buffer_size=tc.shuffle_buffer or None,
-                local_shuffle_seed=tc.seed + epoch, pin_memory=device.type == "cuda"):
-            step(batch)
-            line = progress.advance(tc.batch_size)
-            if line and rank == 0:
-                print(line, flush=True)
+        train_epoch(step, train_shard, cfg, epoch, collate, device, progress, rank == 0)
         synchronize(device)  # once per epoch, for an honest images/s
         train_seconds = time.perf_counter() - started
         step.recalibrate_batchnorm()
         val = evaluate(step.eval_model, val_shard.iter_torch_batches(batch_size=2 * tc.batch_size, collate_fn=collate),
                        mean, std, device, tc.precision)
-        totals = _sum_over_workers(torch.stack([step.loss_sum, torch.tensor(float(step.seen), device=device),
-                                                *val]))
-        metrics = {
-            "epoch": epoch + 1, "train_loss": totals[0] / max(totals[1], 1.0),
-            METRIC: totals[2] / max(totals[4], 1.0), "val_rmse": math.sqrt(totals[3] / max(totals[4], 1.0)),
-            "images_per_s_per_worker": step.seen / max(train_seconds, 1e-9),
-            "lr": step.optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - started,
-            "resumed_at_epoch": start_epoch, "val_rows": int(totals[4]),
-        }
+        metrics = epoch_metrics(step, val, epoch, started, train_seconds, start_epoch)
         if not (math.isfinite(metrics["train_loss"]) and math.isfinite(metrics[METRIC])):
             ray.train.report({**metrics, "nonfinite_loss": 1})  # no checkpoint: the last good one stays best
             return {"stopped": "nonfinite_loss", "epoch": epoch + 1}
@@ -198,6 +183,35 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             print(format_epoch(metrics, tc.epochs), flush=True)
         report_with_checkpoint(metrics, step, rank, loop_config["local_checkpoint"])
     return {"stopped": "completed", "epoch": tc.epochs}
+
+
+def train_epoch(step: TrainStep, shard, cfg: Config, epoch: int, collate: BoneAgeCollate, device: torch.device,
+                progress: EpochProgress, prints: bool) -> None:
+    """One pass of the training step over this worker's shard; progress lines when ``prints`` (rank 0)."""
+    tc = cfg.train
+    for batch in shard.iter_torch_batches(
+            batch_size=tc.batch_size, prefetch_batches=tc.prefetch_batches, collate_fn=collate,
+            drop_last=True, local_shuffle_buffer_size=tc.shuffle_buffer or None,
+            local_shuffle_seed=tc.seed + epoch, pin_memory=device.type == "cuda"):
+        step(batch)
+        line = progress.advance(tc.batch_size)
+        if line and prints:
+            print(line, flush=True)
+
+
+def epoch_metrics(step: TrainStep, val: list[torch.Tensor], epoch: int, started: float, train_seconds: float,
+                  start_epoch: int) -> dict[str, Any]:
+    """The epoch's reported metrics, its sums taken over all workers (the epoch's one host sync); ``started``
+    is the epoch's start on the ``time.perf_counter`` clock."""
+    device = step.loss_sum.device
+    totals = _sum_over_workers(torch.stack([step.loss_sum, torch.tensor(float(step.seen), device=device), *val]))
+    return {
+        "epoch": epoch + 1, "train_loss": totals[0] / max(totals[1], 1.0),
+        METRIC: totals[2] / max(totals[4], 1.0), "val_rmse": math.sqrt(totals[3] / max(totals[4], 1.0)),
+        "images_per_s_per_worker": step.seen / max(train_seconds, 1e-9),
+        "lr": step.optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - started,
+        "resumed_at_epoch": start_epoch, "val_rows": int(totals[4]),
+    }
 
 
 def restore(checkpoint: Checkpoint | None, step: TrainStep) -> int:
