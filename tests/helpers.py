@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_until(ready, what: str, timeout: float = 300, interval: float = 0.2):
+    """Poll ``ready()`` until it returns something truthy, and return that; TimeoutError naming ``what`` after
+    ``timeout`` seconds. The one polling helper of the suite: a slow 2-core machine waits, a stuck one fails."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = ready()
+        if answer:
+            return answer
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
 
 
 def processes_mentioning(marker: str) -> list[str]:

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,21 +22,13 @@ from boneage.bundle import load_bundle, versions
 from boneage.curves import CURVES
 from boneage.dataset import MANIFEST, read_manifest, split_path
 from boneage.train import NonFiniteLoss, run_name, run_training
-from helpers import ROOT, as_logged, read_curves, train_config
+from helpers import ROOT, as_logged, read_curves, train_config, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def checkpoints(run_folder: Path) -> list[Path]:
     return sorted(p for p in run_folder.glob("checkpoint_*") if p.is_dir()) if run_folder.is_dir() else []
-
-
-def wait_until(ready, what: str, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not ready():
-        if time.time() > deadline:
-            raise TimeoutError(f"gave up waiting for {what}")
-        time.sleep(0.2)
 
 
 def wait_for_checkpoint(run_folder: Path) -> None:
