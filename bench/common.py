@@ -74,15 +74,15 @@ def demo_like_bundle(folder: Path, image_size: int) -> Path:
     on what the weights learned."""
     import torch
 
-    from boneage.bundle import write_bundle
-    from boneage.config import load_config, to_dict
+    from boneage.bundle import BundleMeta, DataSource, TargetScale, write_bundle
+    from boneage.config import load_config
     from boneage.model import build_model
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").model
     torch.manual_seed(0)
     model = build_model(cfg, image_size).eval()
-    meta = {"name": "bench", "model": to_dict(cfg), "image_size": image_size, "target": {"mean": 120.0, "std": 40.0},
-            "metrics": {"val_mae": 0.0}, "data": {"manifest_fingerprint": "bench"}}
+    meta = BundleMeta(name="bench", model=cfg, image_size=image_size, target=TargetScale(mean=120.0, std=40.0),
+                      data=DataSource(manifest_fingerprint="bench"), metrics={"val_mae": 0.0})
     return write_bundle(folder, model.state_dict(), meta)
 
 

@@ -134,9 +134,9 @@ def measure_data_wait(cfg, prepared: Path, batch: int, device: torch.device) -> 
 
 def split_mae(model, split: dict, batch_size: int, mean: float, std: float, cfg, device: torch.device) -> float:
     """Mean absolute error in months over a resident split (one host sync)."""
-    abs_sum, _, count = evaluate(model, resident_batches(split, batch_size, shuffle=False), mean, std, device,
-                                 cfg.train.precision)
-    return (abs_sum / count).item()
+    sums = evaluate(model, resident_batches(split, batch_size, shuffle=False), mean, std, device,
+                    cfg.train.precision)
+    return (sums.abs_error / sums.count).item()
 
 
 def train_on(cfg, prepared: Path, device: torch.device) -> dict:

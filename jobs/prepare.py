@@ -8,7 +8,7 @@ from boneage.prepare import prepare_dataset
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_job_args(argv, description=__doc__, default_config="configs/data.yaml", areas=["data"])
+    cfg = parse_job_args(argv, description=__doc__, default_config="configs/data.yaml", areas=["data"], uses_ray=True)
     print(f"prepared: {prepare_dataset(cfg)}")
 
 

@@ -7,12 +7,12 @@ training images from the prepared dataset (data.out) as they are; each row below
 """
 
 from boneage.cli import parse_job_args, run_job
-from boneage.train import preview_augmentations
+from boneage.augment import preview_augmentations
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_job_args(argv, description=__doc__, default_config="configs/train.yaml", areas=["data", "augment"],
-                         aliases={"--out": "augment.preview_path"})
+                         aliases={"--out": "augment.preview_path"}, uses_ray=True)
     print(f"preview: {preview_augmentations(cfg)}")
 
 

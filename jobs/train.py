@@ -12,7 +12,7 @@ AREAS = ["data", "model", "augment", "train", "registry"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_job_args(argv, description=__doc__, default_config="configs/train.yaml", areas=AREAS)
+    cfg = parse_job_args(argv, description=__doc__, default_config="configs/train.yaml", areas=AREAS, uses_ray=True)
     from boneage.train import run_training  # after the first line: torch and Ray Train load slowly
 
     outcome = run_training(cfg)

@@ -13,7 +13,7 @@ AREAS = ["data", "model", "augment", "train", "tune", "registry"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_job_args(argv, description=__doc__, default_config="configs/tune.yaml", areas=AREAS)
+    cfg = parse_job_args(argv, description=__doc__, default_config="configs/tune.yaml", areas=AREAS, uses_ray=True)
     from boneage.tune import run_sweep  # after the first line: torch and Ray Train load slowly
 
     outcome = run_sweep(cfg)

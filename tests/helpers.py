@@ -92,15 +92,14 @@ def make_bundle(folder: Path, seed: int = 0, val_mae: float = 9.5, data: str = "
     returns the folder and the model."""
     import torch
 
-    from boneage.bundle import write_bundle
-    from boneage.config import to_dict
+    from boneage.bundle import BundleMeta, DataSource, TargetScale, write_bundle
     from boneage.model import build_model
 
     torch.manual_seed(seed)
     cfg = load_config(overrides=["model.head=[16]", "model.dropout=0", "model.sex_embedding=4"]).model
     model = build_model(cfg, size).eval()
-    meta = {"name": name, "model": to_dict(cfg), "image_size": size, "target": {"mean": 120.0, "std": 40.0},
-            "metrics": {"val_mae": val_mae}, "data": {"manifest_fingerprint": data}}
+    meta = BundleMeta(name=name, model=cfg, image_size=size, target=TargetScale(mean=120.0, std=40.0),
+                      data=DataSource(manifest_fingerprint=data), metrics={"val_mae": val_mae})
     return write_bundle(folder, model.state_dict(), meta), model
 
 

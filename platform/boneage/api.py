@@ -29,7 +29,7 @@ from fastapi_offline import FastAPIOffline
 from PIL import Image, UnidentifiedImageError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from boneage.config import ServeConfig
+from boneage.config import ServeConfig, to_dict
 from boneage.imaging import ImageRejected, is_dicom
 from boneage.inference import BoneAgePredictor, Explanation, Radiograph, encode_png, heatmap_grid
 from boneage.standards import MAX_AGE_MONTHS, assess, years_and_months
@@ -159,9 +159,9 @@ def _add_service_routes(app: FastAPI, backend: Backend) -> None:
     @app.get(f"/{API_VERSION}/model", summary="The served model: bundle metadata, metrics and serving settings")
     async def model() -> dict[str, Any]:
         meta = backend.predictor.bundle.meta
-        return {"model": _model_id(backend), "image_size": meta["image_size"], "architecture": meta["model"],
-                "metrics": meta.get("metrics", {}), "data": meta.get("data", {}), "created": meta.get("created"),
-                "weights_sha256": meta.get("weights_sha256"), "code_version": meta.get("code_version"),
+        return {"model": _model_id(backend), "image_size": meta.image_size, "architecture": to_dict(meta.model),
+                "metrics": meta.metrics, "data": to_dict(meta.data), "created": meta.created,
+                "weights_sha256": meta.weights_sha256, "code_version": meta.code_version,
                 "serving": {**backend.runtime(), "precision": backend.predictor.precision, "device": "cpu",
                             "computes_in": backend.predictor.computes_in}}
 
@@ -292,7 +292,7 @@ def _answer(months: float, query: Query, backend: Backend) -> dict[str, Any]:
 
 def _model_id(backend: Backend) -> dict[str, Any]:
     bundle = backend.predictor.bundle
-    return {"name": bundle.meta.get("name", bundle.path.parent.name), "version": bundle.path.name}
+    return {"name": bundle.meta.name, "version": bundle.path.name}
 
 
 async def _api_error(request: Request, err: ApiError) -> JSONResponse:

@@ -22,6 +22,7 @@ Rotation, shift and zoom are one affine warp (a single resampling). Kornia draws
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import kornia.augmentation as K
@@ -30,7 +31,11 @@ import torchvision.utils
 from torch import nn
 
 from boneage.artifacts import atomic_file
-from boneage.config import AugmentConfig
+from boneage.config import AugmentConfig, Config
+from boneage.dataset import batch_tensors, read_manifest, read_split
+from boneage.precision import describe
+
+log = logging.getLogger(__name__)
 
 PADDING = {"nearest": "border", "constant": "zeros", "reflect": "reflection"}
 
@@ -66,3 +71,14 @@ def write_preview(images: torch.Tensor, cfg: AugmentConfig, path: str | Path, se
     with atomic_file(path) as tmp:
         torchvision.utils.save_image(grid, tmp, format="png")
     return Path(path)
+
+
+def preview_augmentations(cfg: Config) -> Path:
+    """Write the augmentation preview grid for the first ``augment.preview_images`` training images of the prepared
+    dataset ``data.out`` (the preview job: it reads with Ray Data, and needs no Ray Train)."""
+    image_size = read_manifest(cfg.data.out)["image_size"]
+    rows = read_split(cfg.data.out, "train").take_batch(cfg.augment.preview_images, batch_format="numpy")
+    images = batch_tensors(rows, image_size)["image"]
+    log.info("augmenting %d images: %s", len(images), describe(torch.device("cpu"), "fp32", "train",
+                                                                 why="augmentation computes in fp32"))
+    return write_preview(images, cfg.augment, cfg.augment.preview_path, seed=cfg.train.seed)

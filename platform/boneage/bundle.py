@@ -1,9 +1,9 @@
 """Model bundles: a trained model as a self-describing folder, and a registry of numbered versions.
 
 A bundle folder holds ``model.pt`` (a state dict, loaded with ``torch.load(weights_only=True)``) and
-``bundle.json``: the model config, image size and preprocessing, the target's mean and SD, training and
-validation metrics, the prepared data's manifest hash, the code version, the creation time and the SHA-256 of
-``model.pt``, which :func:`load_bundle` checks before loading. Loading needs only this library, not Ray.
+``bundle.json`` (:class:`BundleMeta`): the model config, image size and preprocessing, the target's mean and SD,
+training and validation metrics, the prepared data's manifest hash, the code version, the creation time and the
+SHA-256 of ``model.pt``, which :func:`load_bundle` checks before loading. Loading needs only this library, not Ray.
 
 The registry keeps bundles as ``<root>/<name>/<version>/`` (1, 2, 3, ...) and a ``best`` alias
 (``<root>/<name>/best.json``): the version with the lowest validation MAE, moved only by a bundle that beats it on
@@ -13,6 +13,7 @@ the same validation split. A reference is a bundle folder, or ``<name>:<version>
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -20,18 +21,20 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from boneage.artifacts import code_version, sha256_file, write_json
-from boneage.config import ModelConfig, parse_section
+from boneage.config import ModelConfig, parse_section, to_dict
 from boneage.errors import JobError
 from boneage.model import BoneAgeNet
 
+# The bundle.json layout this code writes and reads. A new field with a default needs no new format (older code
+# ignores it, this code reads older bundles with the default); renaming, removing or re-meaning one does.
 BUNDLE_FORMAT = 1
 WEIGHTS = "model.pt"
 META = "bundle.json"
@@ -43,39 +46,103 @@ class BundleError(JobError, ValueError):
 
 
 @dataclass
+class TargetScale:
+    """How the target was standardised for training: the model answers (months - mean) / std."""
+
+    mean: float
+    std: float
+
+
+@dataclass
+class DataSource:
+    """The prepared data a bundle was trained and validated on."""
+
+    manifest_fingerprint: str  # bundles validated on the same split (same manifest) can be compared
+    prepared: str = ""  # the prepared dataset's folder
+
+
+@dataclass
+class BundleMeta:
+    """``bundle.json``, typed: what a bundle says about its model. Every field after ``data`` has a default, so a
+    field added later loads from bundles written before it existed."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("name", "model", "image_size", "target", "data")
+
+    name: str  # the registry name it was trained for
+    model: ModelConfig
+    image_size: int
+    target: TargetScale
+    data: DataSource
+    metrics: dict[str, float] = field(default_factory=dict)  # the exported epoch's, and val_mae_mean_baseline
+    run: str = ""  # the training run (Ray Train) it came from
+    checkpoint: str = ""  # that run's checkpoint folder
+    preprocessing: dict[str, Any] = field(default_factory=dict)  # the manifest's: how images were decoded, resized
+    train: dict[str, Any] = field(default_factory=dict)  # the training settings, as trained
+    augment: dict[str, Any] = field(default_factory=dict)  # the augmentation settings, as trained
+    weights_sha256: str = ""  # of model.pt; written by write_bundle, checked by read_meta
+    code_version: dict[str, Any] = field(default_factory=dict)
+    created: str = ""  # ISO 8601, UTC
+    format: int = BUNDLE_FORMAT
+
+    @property
+    def val_mae(self) -> float:
+        """The validation MAE in months that ranks bundles for ``best``."""
+        return self.metrics["val_mae"]
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``bundle.json`` into ``folder`` (atomically), in this code's format."""
+        return write_json(Path(folder) / META, {**to_dict(self), "format": BUNDLE_FORMAT})
+
+    @classmethod
+    def load(cls, folder: str | Path) -> BundleMeta:
+        """Read ``bundle.json`` of ``folder``; :class:`BundleError` for another format or a missing field. Keys this
+        code does not know (fields a newer writer added) are ignored. Does not check the weights: see
+        :func:`read_meta`."""
+        path = Path(folder) / META
+        values = json.loads(path.read_text())
+        if values.get("format") != BUNDLE_FORMAT:
+            raise BundleError(f"{path} is bundle format {values.get('format')}; this code reads format "
+                              f"{BUNDLE_FORMAT}: load it with the version of boneage that wrote it, or re-export it")
+        missing = [key for key in cls.REQUIRED if key not in values]
+        if missing:
+            raise BundleError(f"{path} lacks {', '.join(missing)}: it is not a complete bundle description")
+        known = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
+        return cls(**{**known, "model": parse_section(ModelConfig, values["model"], "model"),
+                      "target": TargetScale(**values["target"]), "data": DataSource(**values["data"])})
+
+
+@dataclass
 class LoadedBundle:
     """A model ready for inference (eval mode, on CPU) and its metadata."""
 
     model: BoneAgeNet
-    meta: dict[str, Any]
+    meta: BundleMeta
     path: Path
 
     def to_months(self, standardised: torch.Tensor) -> torch.Tensor:
         """Model output -> bone age in months."""
-        return standardised * self.meta["target"]["std"] + self.meta["target"]["mean"]
+        return standardised * self.meta.target.std + self.meta.target.mean
 
 
-def write_bundle(folder: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+def write_bundle(folder: Path, state_dict: dict[str, torch.Tensor], meta: BundleMeta) -> Path:
     """Write ``model.pt`` and ``bundle.json`` (with the weights' checksum and provenance) into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(state_dict, folder / WEIGHTS)
-    full = {"format": BUNDLE_FORMAT, **meta, "weights_sha256": sha256_file(folder / WEIGHTS),
-            "code_version": code_version(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_json(folder / META, full)
+    dataclasses.replace(meta, weights_sha256=sha256_file(folder / WEIGHTS), code_version=code_version(),
+                        created=datetime.now(timezone.utc).isoformat(timespec="seconds")).save(folder)
     return folder
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
+def read_meta(path: str | Path) -> BundleMeta:
     """``bundle.json`` of a bundle folder, after checking that ``model.pt`` matches its recorded checksum."""
     folder = Path(path)
     if not (folder / META).is_file() or not (folder / WEIGHTS).is_file():
         raise BundleError(f"{folder} is not a model bundle: it needs {WEIGHTS} and {META}")
-    meta = json.loads((folder / META).read_text())
+    meta = BundleMeta.load(folder)
     actual = sha256_file(folder / WEIGHTS)
-    if actual != meta.get("weights_sha256"):
+    if actual != meta.weights_sha256:
         raise BundleError(f"{folder / WEIGHTS} does not match the checksum in {META} (expected "
-                          f"{meta.get('weights_sha256')}, found {actual}): the bundle was modified or damaged")
+                          f"{meta.weights_sha256}, found {actual}): the bundle was modified or damaged")
     return meta
 
 
@@ -83,13 +150,13 @@ def load_bundle(path: str | Path) -> LoadedBundle:
     """Verify and load a bundle into an eval-mode model on the CPU."""
     folder = Path(path)
     meta = read_meta(folder)
-    model_cfg = parse_section(ModelConfig, {**meta["model"], "weights": "none"}, "model")
-    model = BoneAgeNet(model_cfg, meta["image_size"])
+    model_cfg = dataclasses.replace(meta.model, weights="none")  # the bundle's weights, not pretrained ones
+    model = BoneAgeNet(model_cfg, meta.image_size)
     state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
     mismatch = weights_mismatch(model.state_dict(), state)
     if mismatch:
         raise BundleError(f"{folder / WEIGHTS} does not fit the model {META} describes ({model_cfg.arch}, head "
-                          f"{model_cfg.head}, {meta['image_size']} px): {mismatch}; re-export the bundle from its "
+                          f"{model_cfg.head}, {meta.image_size} px): {mismatch}; re-export the bundle from its "
                           "training run, or serve another one")
     model.load_state_dict(state)
     return LoadedBundle(model=model.eval(), meta=meta, path=folder)
@@ -128,7 +195,7 @@ def promote_if_better(version: Path, root: str | Path, name: str) -> Promotion:
     """Point ``<name>:best`` at a registered version if its val MAE beats the current best's on the same
     validation split (same prepared-data manifest). Atomic, and serialised against other promoters."""
     meta = read_meta(version)
-    mae, data = meta["metrics"]["val_mae"], meta["data"]["manifest_fingerprint"]
+    mae, data = meta.val_mae, meta.data.manifest_fingerprint
     with _locked(Path(root) / name):
         current = read_best(root, name)
         if current is not None and current["version"] == int(version.name):
@@ -168,12 +235,14 @@ def register(bundle: Path, root: str | Path, name: str) -> Path:
     """Copy a bundle folder into the registry as the next version of ``name``; return the version folder.
 
     A bundle whose weights are already registered under ``name`` is not copied again: its version is returned.
+    Only the new bundle's weights are hashed; stored versions are compared by the checksums they recorded (each
+    load checks its own), so registering costs the same however many versions there are.
     """
     meta = read_meta(bundle)
     models = Path(root) / name
     models.mkdir(parents=True, exist_ok=True)
     for version in versions(root, name):
-        if read_meta(models / str(version))["weights_sha256"] == meta["weights_sha256"]:
+        if BundleMeta.load(models / str(version)).weights_sha256 == meta.weights_sha256:
             return models / str(version)
     staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=models))
     shutil.copytree(bundle, staging, dirs_exist_ok=True)

@@ -11,6 +11,7 @@ import copy
 import math
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -176,10 +177,19 @@ class EpochProgress:
                 f"about {left:.0f} s left in the epoch")
 
 
+@dataclass
+class EvalSums:
+    """An evaluation's sums over its batches, errors in months, as device tensors (reading them syncs)."""
+
+    abs_error: torch.Tensor
+    squared_error: torch.Tensor
+    count: torch.Tensor
+
+
 def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], mean: float, std: float,
-             device: torch.device, precision: str = "auto") -> list[torch.Tensor]:
-    """Sums over the batches: [|error|, error^2, count], errors in months, as device tensors (no sync). Computes
-    in the precision a trained model predicts in (``job="predict"``), so val MAE is what serving will see."""
+             device: torch.device, precision: str = "auto") -> EvalSums:
+    """Sums of |error| and error^2 over the batches, and their count, without a sync. Computes in the precision a
+    trained model predicts in (``job="predict"``), so val MAE is what serving will see."""
     model.eval()
     abs_sum, sq_sum, count = (torch.zeros((), device=device) for _ in range(3))
     with torch.no_grad(), autocast_for(device, precision, "predict"):
@@ -189,7 +199,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], mean:
             abs_sum += error.abs().sum()
             sq_sum += error.square().sum()
             count += len(error)
-    return [abs_sum, sq_sum, count]
+    return EvalSums(abs_error=abs_sum, squared_error=sq_sum, count=count)
 
 
 def make_optimizer(model: BoneAgeNet, cfg: Config, steps_per_epoch: int):

@@ -75,7 +75,7 @@ class BoneAgePredictor:
     def __init__(self, bundle: LoadedBundle, overlay_size: int = 384, max_megapixels: float = 64.0,
                  precision: str = "auto"):
         self.bundle = bundle
-        self.image_size = int(bundle.meta["image_size"])
+        self.image_size = bundle.meta.image_size
         self.overlay_size = overlay_size
         self.max_megapixels = max_megapixels
         explain_net = copy.deepcopy(bundle.model).eval()  # fp32, contiguous: Grad-CAM as pytorch-grad-cam computes it

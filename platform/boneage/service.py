@@ -116,7 +116,7 @@ def service_app(args: dict[str, Any], options: dict[str, Any] | None = None) -> 
     settings = parse_section(ServeConfig, dict(args), "serve")
     bundle = resolve(settings.model_uri, settings.registry_root)
     meta = load_bundle(bundle).meta  # fails here, before any replica: a missing, tampered or mismatched bundle
-    log.info("serving %s (val MAE %s)", bundle, meta.get("metrics", {}).get("val_mae"))
+    log.info("serving %s (val MAE %.2f)", bundle, meta.val_mae)
     # Replicas may start in another working directory: hand them an absolute bundle path.
     pinned = {**to_dict(settings), "model_uri": str(Path(bundle).resolve())}
     return BoneAgeService.options(**(options or {})).bind(pinned)

@@ -36,12 +36,11 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, L
 from ray.train.torch import TorchTrainer
 
 from boneage.artifacts import atomic_directory, sha256_json
-from boneage.augment import write_preview
-from boneage.bundle import promote_if_better, reference, register, write_bundle
+from boneage.bundle import BundleMeta, DataSource, TargetScale, promote_if_better, reference, register, write_bundle
 from boneage.config import Config, config_from_dict, to_dict
 from boneage.curves import TensorBoardCurves
 from boneage.dataset import batch_tensors, read_manifest, read_split
-from boneage.engine import EpochProgress, TrainStep, evaluate, synchronize
+from boneage.engine import EpochProgress, EvalSums, TrainStep, evaluate, synchronize
 from boneage.errors import JobError
 from boneage.model import NUM_BLOCKS, build_model
 from boneage.precision import describe
@@ -49,15 +48,55 @@ from boneage.precision import describe
 log = logging.getLogger(__name__)
 
 METRIC = "val_mae"
-# What every epoch reports (the metrics a sweep can optimise).
-REPORTED_METRICS = ("val_mae", "val_rmse", "train_loss", "epoch", "images_per_s_per_worker", "lr", "epoch_seconds",
-                    "resumed_at_epoch", "val_rows")
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 # Settings that change how a run executes but not what it learns: left out of the derived run name.
 _RUN_NAME_EXCLUDES = {"num_workers", "cpus_per_worker", "use_gpu", "storage_path", "run_name", "max_failures",
                       "keep_checkpoints", "prefetch_batches", "threads_per_worker", "cache_dataset",
                       "placement_strategy", "compile", "progress_seconds"}
+
+
+@dataclass
+class EpochMetrics:
+    """What every epoch reports; its fields are the metrics a sweep can optimise (:data:`REPORTED_METRICS`)."""
+
+    epoch: int  # 1-based
+    train_loss: float  # mean L1 loss on the standardised target
+    val_mae: float  # months
+    val_rmse: float  # months
+    images_per_s_per_worker: float
+    lr: float  # the head's, at the epoch's end
+    epoch_seconds: float
+    resumed_at_epoch: int  # the epoch the run (re)started from: 0 unless it resumed from a checkpoint
+    val_rows: int
+
+    def finite(self) -> bool:
+        """Whether the loss and the validation error are numbers (not NaN or infinite)."""
+        return math.isfinite(self.train_loss) and math.isfinite(self.val_mae)
+
+
+REPORTED_METRICS = tuple(f.name for f in dataclasses.fields(EpochMetrics))
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What each training worker needs beside its data shards: the settings and the prepared data's facts."""
+
+    cfg: Config
+    image_size: int
+    target: TargetScale  # the training split's label mean and SD: the model learns the standardised age
+    train_rows: int
+    local_checkpoint: str | None = None  # local mode only: where its checkpoint goes (Ray Train keeps none)
+
+    def as_train_loop_config(self) -> dict[str, Any]:
+        """Plain data for ``TorchTrainer(train_loop_config=...)``: Ray Train V2 takes a dict, and keeps a JSON copy
+        of it for its dashboard."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_train_loop_config(cls, values: dict[str, Any]) -> LoopConfig:
+        """The worker's side of :meth:`as_train_loop_config`."""
+        return cls(**{**values, "cfg": config_from_dict(values["cfg"]), "target": TargetScale(**values["target"])})
 
 
 class NonFiniteLoss(JobError, RuntimeError):
@@ -134,10 +173,10 @@ class BoneAgeCollate(NumpyBatchCollateFn):
 
 # ---------------------------------------------------------------- the worker side
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train's per-worker function. Returns (from rank 0) how the run ended."""
-    cfg = config_from_dict(loop_config["config"])
-    tc = cfg.train
+def train_loop_per_worker(train_loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's per-worker function, given a :class:`LoopConfig` as data; returns (rank 0) how the run ended."""
+    loop = LoopConfig.from_train_loop_config(train_loop_config)
+    cfg, tc = loop.cfg, loop.cfg.train
     # Ray Train logs every report at INFO through a logger named after its source file, which sits outside
     # "ray.train" and so escapes LoggingConfig: quiet the worker's root logger. The epoch lines are ours to print.
     logging.getLogger().setLevel(logging.WARNING)
@@ -145,7 +184,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, tc.threads_per_worker or round(tc.cpus_per_worker)))
-    image_size, mean, std = loop_config["image_size"], loop_config["target_mean"], loop_config["target_std"]
+    image_size, mean, std = loop.image_size, loop.target.mean, loop.target.std
 
     torch.manual_seed(tc.seed)  # the same initial weights for the same seed: reruns and sweep trials comparable
     net = build_model(cfg.model, image_size).to(memory_format=torch.channels_last)
@@ -153,7 +192,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": freezing})
     if tc.compile:
         model = torch.compile(model)  # the DDP wrapper too: its optimizer splits graphs at gradient buckets
-    steps_per_epoch = max(1, loop_config["train_rows"] // world // tc.batch_size)
+    steps_per_epoch = max(1, loop.train_rows // world // tc.batch_size)
     step = TrainStep(model, net, cfg, steps_per_epoch, mean, std, device)
     start_epoch = restore(ray.train.get_checkpoint(), step)
     collate = BoneAgeCollate(image_size)
@@ -176,12 +215,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         val = evaluate(step.eval_model, val_shard.iter_torch_batches(batch_size=2 * tc.batch_size, collate_fn=collate),
                        mean, std, device, tc.precision)
         metrics = epoch_metrics(step, val, epoch, started, train_seconds, start_epoch)
-        if not (math.isfinite(metrics["train_loss"]) and math.isfinite(metrics[METRIC])):
-            ray.train.report({**metrics, "nonfinite_loss": 1})  # no checkpoint: the last good one stays best
+        if not metrics.finite():  # reported without a checkpoint: the last good one stays best
+            ray.train.report({**dataclasses.asdict(metrics), "nonfinite_loss": 1})
             return {"stopped": "nonfinite_loss", "epoch": epoch + 1}
         if rank == 0:
             print(format_epoch(metrics, tc.epochs), flush=True)
-        report_with_checkpoint(metrics, step, rank, loop_config["local_checkpoint"])
+        report_with_checkpoint(metrics, step, rank, loop.local_checkpoint)
     return {"stopped": "completed", "epoch": tc.epochs}
 
 
@@ -199,19 +238,18 @@ def train_epoch(step: TrainStep, shard, cfg: Config, epoch: int, collate: BoneAg
             print(line, flush=True)
 
 
-def epoch_metrics(step: TrainStep, val: list[torch.Tensor], epoch: int, started: float, train_seconds: float,
-                  start_epoch: int) -> dict[str, Any]:
+def epoch_metrics(step: TrainStep, val: EvalSums, epoch: int, started: float, train_seconds: float,
+                  start_epoch: int) -> EpochMetrics:
     """The epoch's reported metrics, its sums taken over all workers (the epoch's one host sync); ``started``
     is the epoch's start on the ``time.perf_counter`` clock."""
-    device = step.loss_sum.device
-    totals = _sum_over_workers(torch.stack([step.loss_sum, torch.tensor(float(step.seen), device=device), *val]))
-    return {
-        "epoch": epoch + 1, "train_loss": totals[0] / max(totals[1], 1.0),
-        METRIC: totals[2] / max(totals[4], 1.0), "val_rmse": math.sqrt(totals[3] / max(totals[4], 1.0)),
-        "images_per_s_per_worker": step.seen / max(train_seconds, 1e-9),
-        "lr": step.optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - started,
-        "resumed_at_epoch": start_epoch, "val_rows": int(totals[4]),
-    }
+    seen = torch.tensor(float(step.seen), device=step.loss_sum.device)
+    loss, images, abs_error, squared_error, rows = _sum_over_workers(
+        torch.stack([step.loss_sum, seen, val.abs_error, val.squared_error, val.count]))
+    return EpochMetrics(
+        epoch=epoch + 1, train_loss=loss / max(images, 1.0), val_mae=abs_error / max(rows, 1.0),
+        val_rmse=math.sqrt(squared_error / max(rows, 1.0)),
+        images_per_s_per_worker=step.seen / max(train_seconds, 1e-9), lr=step.optimizer.param_groups[0]["lr"],
+        epoch_seconds=time.perf_counter() - started, resumed_at_epoch=start_epoch, val_rows=int(rows))
 
 
 def restore(checkpoint: Checkpoint | None, step: TrainStep) -> int:
@@ -228,23 +266,22 @@ def restore(checkpoint: Checkpoint | None, step: TrainStep) -> int:
     return int(state["epoch"])
 
 
-def report_with_checkpoint(metrics: dict[str, Any], step: TrainStep, rank: int,
-                           local_folder: str | None) -> None:
+def report_with_checkpoint(metrics: EpochMetrics, step: TrainStep, rank: int, local_folder: str | None) -> None:
     """Every worker reports; rank 0 attaches the checkpoint (weights, optimizer, scheduler, epoch).
 
     In local mode (no workers) Ray Train persists no checkpoints, so the checkpoint is written straight to
     ``local_folder`` (replaced atomically each epoch) and reported from there."""
     if local_folder:
         with atomic_directory(local_folder) as folder:
-            save_checkpoint(Path(folder), metrics["epoch"], step)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(local_folder))
+            save_checkpoint(Path(folder), metrics.epoch, step)
+        ray.train.report(dataclasses.asdict(metrics), checkpoint=Checkpoint.from_directory(local_folder))
         return
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:
-            save_checkpoint(Path(folder), metrics["epoch"], step)
+            save_checkpoint(Path(folder), metrics.epoch, step)
             checkpoint = Checkpoint.from_directory(folder)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report(dataclasses.asdict(metrics), checkpoint=checkpoint)
 
 
 def save_checkpoint(folder: Path, epoch: int, step: TrainStep) -> None:
@@ -253,11 +290,11 @@ def save_checkpoint(folder: Path, epoch: int, step: TrainStep) -> None:
     torch.save({**step.state_dict(), "epoch": epoch}, folder / STATE_FILE)
 
 
-def format_epoch(metrics: dict[str, Any], epochs: int) -> str:
+def format_epoch(metrics: EpochMetrics, epochs: int) -> str:
     """One readable progress line."""
-    return (f"epoch {metrics['epoch']}/{epochs}  train_loss {metrics['train_loss']:.3f}  "
-            f"val_mae {metrics[METRIC]:.2f} mo  val_rmse {metrics['val_rmse']:.2f} mo  lr {metrics['lr']:.2e}  "
-            f"{metrics['images_per_s_per_worker']:.0f} img/s/worker  {metrics['epoch_seconds']:.0f} s")
+    return (f"epoch {metrics.epoch}/{epochs}  train_loss {metrics.train_loss:.3f}  "
+            f"val_mae {metrics.val_mae:.2f} mo  val_rmse {metrics.val_rmse:.2f} mo  lr {metrics.lr:.2e}  "
+            f"{metrics.images_per_s_per_worker:.0f} img/s/worker  {metrics.epoch_seconds:.0f} s")
 
 
 def _distributed() -> bool:
@@ -290,17 +327,26 @@ class RunPlan:
     datasets: dict[str, ray.data.Dataset]
     baseline_mae: float  # val MAE of always answering the training mean
 
-    def loop_config(self, cfg: Config) -> dict[str, Any]:
-        """The per-worker function's config for a run with settings ``cfg``."""
+    @property
+    def image_size(self) -> int:
+        """The prepared images' side in pixels."""
+        return self.manifest["image_size"]
+
+    @property
+    def target(self) -> TargetScale:
+        """The training split's label mean and SD."""
         train_stats = self.manifest["label_statistics"]["train"]
-        return {"config": to_dict(cfg), "image_size": self.manifest["image_size"],
-                "target_mean": train_stats["boneage_mean"], "target_std": train_stats["boneage_std"],
-                "train_rows": self.manifest["splits"]["counts"]["train"], "local_checkpoint": None}
+        return TargetScale(mean=train_stats["boneage_mean"], std=train_stats["boneage_std"])
+
+    def loop_config(self, cfg: Config) -> LoopConfig:
+        """The per-worker function's config for a run with settings ``cfg``."""
+        return LoopConfig(cfg=cfg, image_size=self.image_size, target=self.target,
+                          train_rows=self.manifest["splits"]["counts"]["train"])
 
 
 def plan_run(cfg: Config) -> RunPlan:
     """Read the prepared dataset's manifest and splits (cached in the object store when asked)."""
-    log.info("reading the prepared dataset %s (connecting to Ray first) ...", cfg.data.out)
+    log.info("reading the prepared dataset %s ...", cfg.data.out)
     manifest = read_manifest(cfg.data.out)
     datasets = {split: read_split(cfg.data.out, split) for split in ("train", "val")}
     if cfg.train.cache_dataset:  # read Parquet once; each epoch then streams from the object store
@@ -321,18 +367,19 @@ def run_training(cfg: Config) -> TrainOutcome:
     finished = FinishedRun.load(storage, name)
     if finished is not None and finished.learned == learned:  # a reused train.run_name with other settings trains
         return already_trained(finished, cfg)
+    connect_to_ray()
     plan = plan_run(cfg)
-    loop_config = plan.loop_config(cfg)
+    loop = plan.loop_config(cfg)
     if cfg.train.num_workers == 0:  # local mode: debugging in this process; it keeps only its last checkpoint
         if "://" in storage:
             raise ValueError("train.num_workers=0 (local mode) keeps its checkpoint in a local folder; set "
                              "train.storage_path to a local path")
-        loop_config["local_checkpoint"] = str(Path(storage) / name / "local-checkpoint")
+        loop = dataclasses.replace(loop, local_checkpoint=str(Path(storage) / name / "local-checkpoint"))
     counts = plan.manifest["splits"]["counts"]
     log.info("training run %s: %d train / %d val images at %d px; predict-the-mean val MAE %.2f months", name,
-             counts["train"], counts["val"], loop_config["image_size"], plan.baseline_mae)
+             counts["train"], counts["val"], loop.image_size, plan.baseline_mae)
     log.info("%s", waiting_for_workers(cfg))
-    result = make_trainer(cfg, loop_config, plan.datasets, name, storage).fit()
+    result = make_trainer(cfg, loop, plan.datasets, name, storage).fit()
     best, metrics = best_checkpoint(result, name)
     bundle = export_bundle(best, cfg, plan, metrics, name)
     log.info("%s", promote_if_better(bundle, cfg.registry.root, cfg.registry.name).message)
@@ -364,14 +411,15 @@ def already_trained(finished: FinishedRun, cfg: Config) -> TrainOutcome:
     return finished.outcome()
 
 
-def make_trainer(cfg: Config, loop_config: dict[str, Any], datasets: dict[str, ray.data.Dataset], name: str,
-                 storage: str, callbacks: list | None = None) -> TorchTrainer:
+def make_trainer(cfg: Config, loop: LoopConfig, datasets: dict[str, ray.data.Dataset], name: str, storage: str,
+                 callbacks: list | None = None) -> TorchTrainer:
     """The TorchTrainer for a run: workers and their resources, storage, failures, checkpoints, quiet logs, and
     TensorBoard curves in the run's folder. ``callbacks`` are more Ray Train callbacks, e.g. Tune's report callback
     when a sweep runs the trainer."""
     tc = cfg.train
     return TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_config, datasets=datasets, dataset_config=ordered_ingest(),
+        train_loop_per_worker, train_loop_config=loop.as_train_loop_config(), datasets=datasets,
+        dataset_config=ordered_ingest(),
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=_use_gpu(cfg),
                                      resources_per_worker={"CPU": tc.cpus_per_worker},
                                      placement_strategy=tc.placement_strategy),
@@ -419,31 +467,17 @@ def best_checkpoint(result: ray.train.Result, name: str) -> tuple[Checkpoint, di
 
 def export_bundle(checkpoint: Checkpoint, cfg: Config, plan: RunPlan, metrics: dict[str, Any], name: str) -> Path:
     """Write the checkpoint as a model bundle and register it as the next version in the registry."""
-    loop_config = plan.loop_config(cfg)
-    meta = {
-        "name": cfg.registry.name, "run": name, "checkpoint": checkpoint.path,
-        "model": to_dict(cfg.model), "image_size": loop_config["image_size"],
-        "preprocessing": plan.manifest["preprocessing"],
-        "target": {"mean": loop_config["target_mean"], "std": loop_config["target_std"]},
-        "metrics": {**_numbers(metrics), "val_mae_mean_baseline": plan.baseline_mae},
-        "data": {"prepared": str(Path(cfg.data.out).resolve()),
-                 "manifest_fingerprint": plan.manifest["fingerprint"]},
-        "train": to_dict(cfg.train), "augment": to_dict(cfg.augment),
-    }
+    meta = BundleMeta(
+        name=cfg.registry.name, model=cfg.model, image_size=plan.image_size, target=plan.target,
+        data=DataSource(manifest_fingerprint=plan.manifest["fingerprint"],
+                        prepared=str(Path(cfg.data.out).resolve())),
+        metrics={**_numbers(metrics), "val_mae_mean_baseline": plan.baseline_mae}, run=name,
+        checkpoint=checkpoint.path, preprocessing=plan.manifest["preprocessing"], train=to_dict(cfg.train),
+        augment=to_dict(cfg.augment))
     with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as staging:
         state = torch.load(Path(folder) / MODEL_FILE, map_location="cpu", weights_only=True)
         write_bundle(Path(staging), state, meta)
         return register(Path(staging), cfg.registry.root, cfg.registry.name)
-
-
-def preview_augmentations(cfg: Config) -> Path:
-    """Write the augmentation preview grid for the first ``augment.preview_images`` training images."""
-    image_size = read_manifest(cfg.data.out)["image_size"]
-    rows = read_split(cfg.data.out, "train").take_batch(cfg.augment.preview_images, batch_format="numpy")
-    images = BoneAgeCollate(image_size)(rows)["image"]
-    log.info("augmenting %d images: %s", len(images), describe(torch.device("cpu"), "fp32", "train",
-                                                                 why="augmentation computes in fp32"))
-    return write_preview(images, cfg.augment, cfg.augment.preview_path, seed=cfg.train.seed)
 
 
 def mean_baseline_mae(val: ray.data.Dataset, train_mean: float) -> float:
@@ -471,9 +505,19 @@ def storage_path(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
+def connect_to_ray() -> None:
+    """Join the Ray cluster (``RAY_ADDRESS``, the one this job was submitted to, or a new local one) unless this
+    process already has."""
+    if not ray.is_initialized():
+        log.info("connecting to the Ray cluster ...")
+        ray.init()
+
+
 def _use_gpu(cfg: Config) -> bool:
+    """Whether training workers take a GPU: ``train.use_gpu``, or for "auto" whether the cluster this process is
+    connected to has one. Only asks: the caller connects first (:func:`connect_to_ray`)."""
     if cfg.train.use_gpu == "auto":
         if not ray.is_initialized():
-            ray.init()
+            raise RuntimeError("train.use_gpu=auto asks the Ray cluster whether it has a GPU: connect first")
         return ray.cluster_resources().get("GPU", 0) > 0
     return bool(cfg.train.use_gpu)

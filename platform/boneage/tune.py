@@ -38,8 +38,8 @@ from boneage.bundle import promote_if_better
 from boneage.config import Config, ConfigError, config_from_dict, to_dict, with_overrides
 from boneage.dataset import read_manifest
 from boneage.errors import JobError
-from boneage.train import (REPORTED_METRICS, RunPlan, export_bundle, make_trainer, plan_run, storage_path,
-                           waiting_for_workers)
+from boneage.train import (REPORTED_METRICS, RunPlan, connect_to_ray, export_bundle, make_trainer, plan_run,
+                           storage_path, waiting_for_workers)
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +170,7 @@ def run_sweep(cfg: Config) -> SweepOutcome:
     space = parse_search_space(cfg.tune.search_space, cfg)
     check_metric(cfg.tune.metric)
     read_manifest(cfg.data.out)  # an unprepared data.out fails here, before Ray starts
-    if not ray.is_initialized():
-        log.info("connecting to the Ray cluster ...")
-        ray.init()
+    connect_to_ray()
     check_state_api()
     concurrency = trial_concurrency(cfg, ray.cluster_resources())
     plan = plan_run(cfg)

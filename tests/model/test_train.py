@@ -16,12 +16,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 
 from boneage.bundle import load_bundle, versions
+from boneage.config import load_config
 from boneage.curves import CURVES
 from boneage.dataset import MANIFEST, read_manifest, split_path
-from boneage.train import NonFiniteLoss, run_name, run_training
+from boneage.train import REPORTED_METRICS, NonFiniteLoss, _use_gpu, run_name, run_training
 from helpers import ROOT, as_logged, read_curves, train_config, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -43,8 +45,9 @@ def test_local_mode_trains_and_exports_a_loadable_bundle(prepared_dir, tmp_path)
     assert math.isfinite(outcome.metrics["val_mae"]) and outcome.metrics["epoch"] == 1
     assert outcome.baseline_mae > 0
     bundle = load_bundle(outcome.bundle)
-    assert bundle.meta["image_size"] == 32 and bundle.meta["metrics"]["val_mae"] == outcome.metrics["val_mae"]
-    assert bundle.meta["data"]["manifest_fingerprint"] == read_manifest(prepared_dir)["fingerprint"]
+    assert bundle.meta.image_size == 32 and bundle.meta.val_mae == outcome.metrics["val_mae"]
+    assert bundle.meta.data.manifest_fingerprint == read_manifest(prepared_dir)["fingerprint"]
+    assert set(REPORTED_METRICS) <= set(bundle.meta.metrics)  # every epoch metric reaches the bundle
     with torch.no_grad():
         months = bundle.to_months(bundle.model(torch.rand(2, 1, 32, 32), torch.tensor([0.0, 1.0])))
     assert torch.isfinite(months).all()
@@ -58,7 +61,7 @@ def test_weight_average_is_what_the_checkpoint_and_bundle_keep(prepared_dir, tmp
                                         "train.epochs=2"))
     assert math.isfinite(outcome.metrics["val_mae"])
     bundle = load_bundle(outcome.bundle)
-    checkpoint = Path(bundle.meta["checkpoint"])
+    checkpoint = Path(bundle.meta.checkpoint)
     state = torch.load(checkpoint / "train_state.pt", weights_only=True)
     averaged = torch.load(outcome.bundle / "model.pt", weights_only=True)
     assert state["average_updates"] > 0
@@ -76,7 +79,7 @@ def test_two_workers_train_data_parallel(prepared_dir, tmp_path):
     # Of three checkpoints, Ray Train keeps the best (the bundle's) and, for resuming, the latest.
     kept = checkpoints(Path(outcome.run_path))
     assert 1 <= len(kept) <= 2
-    assert str(load_bundle(outcome.bundle).meta["checkpoint"]) in {str(k) for k in kept}
+    assert str(load_bundle(outcome.bundle).meta.checkpoint) in {str(k) for k in kept}
     # TensorBoard curves in the run's folder: every epoch's reported metrics, the last and the best among them.
     curves = read_curves(Path(outcome.run_path))
     assert set(curves) == set(CURVES) and all(sorted(points) == [1, 2, 3] for points in curves.values())
@@ -176,14 +179,18 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(prepare
     assert pc.all(pc.is_finite(pq.read_table(split_path(prepared_dir, "train"))["boneage"])).as_py()
 
 
-def test_preview_job_writes_a_grid_of_training_images(prepared_dir, tmp_path):
+def test_preview_job_writes_a_grid_of_training_images_without_ray_train(prepared_dir, tmp_path):
     from PIL import Image
 
-    from boneage.train import preview_augmentations
-
-    cfg = train_config(prepared_dir, tmp_path, f"augment.preview_path={tmp_path / 'p.png'}", "augment.preview_images=4")
-    path = preview_augmentations(cfg)
-    assert Image.open(path).size == (2 + 4 * 34, 2 + 4 * 34)
+    png = tmp_path / "p.png"
+    job = [str(ROOT / "jobs" / "preview_augment.py"), "--set", f"data.out={prepared_dir}",
+           "augment.preview_images=4", "--out", str(png)]
+    code = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+            "print('imported ray.train' if 'ray.train' in sys.modules else 'no ray.train')")
+    out = subprocess.run([sys.executable, "-c", code, *job], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-2:] == [f"preview: {png}", "no ray.train"]  # joined the session's Ray only
+    assert Image.open(png).size == (2 + 4 * 34, 2 + 4 * 34)
 
 
 def test_a_finished_run_resubmitted_is_not_trained_or_registered_again(prepared_dir, tmp_path, caplog):
@@ -220,3 +227,19 @@ def test_training_prints_its_precision_and_progress_within_an_epoch(prepared_dir
                           re.MULTILINE)
     assert progress, out
     assert all(int(done) <= int(total) for done, total in progress)
+
+
+def test_use_gpu_asks_the_connected_cluster_and_never_connects():
+    auto = load_config(overrides=["train.use_gpu=auto"])
+    assert _use_gpu(auto) == (ray.cluster_resources().get("GPU", 0) > 0)  # this session's cluster
+    # A process not yet connected: the settings true/false answer without Ray; auto refuses instead of starting or
+    # joining a cluster (RAY_ADDRESS names this session's, so a ray.init() would join it).
+    code = ("import ray; from boneage.config import load_config; from boneage.train import _use_gpu\n"
+            "answers = [_use_gpu(load_config(overrides=[f'train.use_gpu={v}'])) for v in ('true', 'false')]\n"
+            "try:\n    _use_gpu(load_config(overrides=['train.use_gpu=auto']))\n"
+            "except RuntimeError as err:\n    answers.append(str(err))\n"
+            "print(answers, ray.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("[True, False, 'train.use_gpu=auto asks the Ray cluster whether it has a GPU: "
+                                  "connect first'] False")
