@@ -11,8 +11,8 @@ The search space is YAML under ``tune.search_space``, keyed by config key (the s
     train.lr: {loguniform: [1.0e-4, 3.0e-3]}
     model.head: {choice: [[256], [512, 128], [1024, 256]]}
 
-Tune resolves the whole config with the trial's draws in place (:func:`trial_space`): that one record is what the
-trial trains with and what its bundle states.
+Tune records each trial's draws beside the sweep's whole config (:func:`trial_space`): the trial trains with the
+config :func:`trial_config` makes of that record, and its bundle states the same one.
 
 Everything is checked before any trial starts: the space, the metric, and that one trial fits the cluster. The
 sweep name is derived from its settings, so rerunning the same command after an interruption resumes the sweep
@@ -48,6 +48,7 @@ from boneage.train import (REPORTED_METRICS, RunPlan, export_bundle, make_traine
 
 log = logging.getLogger(__name__)
 
+BASE = "base"  # the entry of a trial's Tune config that holds the sweep's whole config (trial_space)
 DISTRIBUTIONS = {"choice": tune.choice, "uniform": tune.uniform, "loguniform": tune.loguniform,
                  "randint": tune.randint}
 
@@ -120,20 +121,16 @@ def _parse_distribution(key: str, spec: Any, base: Config) -> Any:
 
 
 def trial_space(cfg: Config, space: dict[str, Any]) -> dict[str, Any]:
-    """Tune's param space: the whole config as plain data, trials training ``tune.max_epochs`` epochs, with the
-    searched settings' distributions in place. Tune resolves it into each trial's config and records it with the
-    trial, so the trial trains on that config and its bundle states the same one."""
-    trial = to_dict(with_overrides(cfg, {"train.epochs": cfg.tune.max_epochs}))
-    for key, distribution in space.items():
-        area, name = key.split(".")
-        trial[area][name] = distribution
-    return trial
+    """Tune's param space: the searched settings' distributions, keyed ``area.key`` in the YAML's order (which
+    fixes what a seed draws), and under :data:`BASE` the sweep's whole config, its trials training
+    ``tune.max_epochs`` epochs. Tune records it, resolved, with each trial."""
+    return {**space, BASE: to_dict(with_overrides(cfg, {"train.epochs": cfg.tune.max_epochs}))}
 
 
-def setting_of(trial_config: dict[str, Any], key: str) -> Any:
-    """The value of ``area.key`` in a trial's config (Tune's resolved :func:`trial_space`)."""
-    area, name = key.split(".")
-    return trial_config[area][name]
+def trial_config(resolved: dict[str, Any]) -> Config:
+    """The config one trial trains with, from its resolved :func:`trial_space` as Tune recorded it."""
+    draws = {key: value for key, value in resolved.items() if key != BASE}
+    return with_overrides(config_from_dict(resolved[BASE]), draws)
 
 
 def check_metric(metric: str) -> None:
@@ -178,9 +175,9 @@ def sweep_name(cfg: Config, manifest: dict[str, Any]) -> str:
     return derived_name(cfg, manifest["fingerprint"], sweep=True)
 
 
-def run_trial(trial_config: dict[str, Any], plan: RunPlan, sweep: str, storage: str) -> None:
+def run_trial(resolved: dict[str, Any], plan: RunPlan, sweep: str, storage: str) -> None:
     """One Tune trial: the training job with the trial's config, its Train run named after the trial."""
-    cfg = config_from_dict(trial_config)
+    cfg = trial_config(resolved)
     name = f"{sweep}-{tune.get_context().get_trial_id()}"
     make_trainer(cfg, plan.loop_config(cfg), plan.datasets, name, storage, callbacks=[TuneReportCallback()]).fit()
 
@@ -251,8 +248,7 @@ def leaderboard(results: tune.ResultGrid, keys: list[str], cfg: Config) -> pd.Da
             status = "stopped early (ASHA)"
         else:
             status = "completed"
-        rows.append({"trial": Path(result.path).name.removeprefix("trial-"),
-                     **{k: setting_of(result.config, k) for k in keys},
+        rows.append({"trial": Path(result.path).name.removeprefix("trial-"), **{k: result.config.get(k) for k in keys},
                      "epochs": epochs, f"best_{cfg.tune.metric}": best, "status": status,
                      # the metric epoch by epoch: why ASHA stopped a trial, or where a completed one peaked
                      cfg.tune.metric: " ".join(f"{v:.1f}" for v in history.get(cfg.tune.metric, [])),
@@ -285,7 +281,7 @@ def _export_best(results: tune.ResultGrid, table: pd.DataFrame, board: Path, cfg
     best_result = min(ok, key=lambda r: r.metrics_dataframe[metric].min())
     history = best_result.metrics_dataframe.dropna(subset=[CHECKPOINT_PATH_KEY])
     best_row = history.loc[history[metric].idxmin()]
-    trial_cfg = config_from_dict(best_result.config)  # the config the trial trained with, as Tune recorded it
+    trial_cfg = trial_config(best_result.config)  # what the trial trained with, from Tune's record of it
     checkpoint = Checkpoint(best_row[CHECKPOINT_PATH_KEY])
     metrics = {k: best_row[k] for k in REPORTED_METRICS if k in best_row}
     trial_id = Path(best_result.path).name.removeprefix("trial-")

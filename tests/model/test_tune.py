@@ -16,11 +16,11 @@ from ray.tune.search.variant_generator import generate_variants
 
 import boneage.tune
 from boneage.bundle import read_best, resolve
-from boneage.config import config_from_dict, load_config
+from boneage.config import load_config
 from boneage.curves import CURVES
 from boneage.dataset import read_manifest
-from boneage.tune import (SweepError, parse_search_space, run_sweep, setting_of, sweep_name, trial_concurrency,
-                          trial_space, write_leaderboard)
+from boneage.tune import (BASE, SweepError, parse_search_space, run_sweep, sweep_name, trial_concurrency,
+                          trial_config, trial_space, write_leaderboard)
 from helpers import ROOT, as_logged, read_curves, train_config, train_overrides, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -254,17 +254,18 @@ def test_randint_draws_every_whole_number_from_low_to_high(tmp_path):
     assert set(draws) == {3, 4, 5}
 
 
-def test_each_trial_trains_on_the_whole_config_with_its_draws_in_place(tmp_path):
-    """Tune resolves one config per trial (:func:`trial_space`); the trial trains on it and its bundle states it,
-    so the two cannot differ."""
+def test_a_trial_config_is_the_sweep_config_with_the_trial_draws(tmp_path):
+    """Tune records each trial's draws with the sweep's config (:func:`trial_space`); the trial trains with what
+    :func:`trial_config` makes of that record and its bundle states the same, so the two cannot differ."""
     cfg = train_config(tmp_path, tmp_path, *SWEEP, "augment.zoom_range=0.1")
-    space = trial_space(cfg, parse_search_space(cfg.tune.search_space, cfg))
+    space = parse_search_space(cfg.tune.search_space, cfg)
     for seed in range(5):
-        [(_, resolved)] = generate_variants(space, random_state=np.random.default_rng(seed))
-        trial = config_from_dict(resolved)
+        [(_, resolved)] = generate_variants(trial_space(cfg, space), random_state=np.random.default_rng(seed))
+        [(_, draws_alone)] = generate_variants(space, random_state=np.random.default_rng(seed))
+        assert {k: v for k, v in resolved.items() if k != BASE} == draws_alone  # a seed draws what it drew before
+        trial = trial_config(resolved)
+        assert (trial.model.head, trial.train.lr) == (resolved["model.head"], resolved["train.lr"])
         assert trial.model.head in ([8], [16]) and 3e-4 <= trial.train.lr <= 3e-3
-        assert (setting_of(resolved, "model.head"), setting_of(resolved, "train.lr")) == (trial.model.head,
-                                                                                         trial.train.lr)
         assert trial.train.epochs == cfg.tune.max_epochs == 3  # what ASHA lets the best trials run
         assert (trial.data, trial.augment, trial.registry, trial.tune) == (cfg.data, cfg.augment, cfg.registry,
                                                                             cfg.tune)
