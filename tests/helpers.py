@@ -77,13 +77,17 @@ def data_config(labels, images, out, *extra: str) -> Config:
                                   "data.image_size=32", *extra])
 
 
+def train_overrides(prepared: Path, work: Path, *extra: str) -> list[str]:
+    """The ``--set`` overrides of :func:`train_config`, for a job's command line."""
+    return [f"data.out={prepared}", "model.head=[16]", "model.dropout=0", "model.sex_embedding=4",
+            "train.batch_size=8", "train.epochs=1", "train.num_workers=1", "train.threads_per_worker=1",
+            "train.shuffle_buffer=16", f"train.storage_path={work / 'runs'}", f"registry.root={work / 'registry'}",
+            *extra]
+
+
 def train_config(prepared: Path, work: Path, *extra: str) -> Config:
     """A tiny, quick training config on a prepared dataset, writing runs and bundles under ``work``."""
-    return load_config(overrides=[
-        f"data.out={prepared}", "model.head=[16]", "model.dropout=0", "model.sex_embedding=4",
-        "train.batch_size=8", "train.epochs=1", "train.num_workers=1", "train.threads_per_worker=1",
-        "train.shuffle_buffer=16", f"train.storage_path={work / 'runs'}", f"registry.root={work / 'registry'}",
-        *extra])
+    return load_config(overrides=train_overrides(prepared, work, *extra))
 
 
 def make_bundle(folder: Path, seed: int = 0, val_mae: float = 9.5, data: str = "manifest-a", size: int = 64,

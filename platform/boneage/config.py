@@ -4,11 +4,19 @@ Each job reads ``--config configs/<job>.yaml`` and any number of ``--set area.ke
 parsed as YAML (so ``--set model.head=[512,128]`` gives a list) and then checked against the field's type and
 bounds. Every problem (unknown key, wrong type, value out of range, choice not offered) raises
 :class:`ConfigError` naming the key and what is allowed, before any work starts.
+
+A config file may build on another with ``include: <file>`` (relative to the including file): the included
+file's settings come first and the including file's replace them key by key.
+
+Each setting also says what it is to the rest of the platform, as :class:`Role` flags on the field: whether it
+is part of the prepared dataset's fingerprint, of a run's or sweep's derived name, and whether a sweep may search
+it. :func:`keys_with` and :func:`values_with` read them; no other module keeps a list of keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +25,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from boneage.artifacts import sha256_json
 from boneage.errors import JobError
 
 
@@ -24,10 +33,31 @@ class ConfigError(JobError, ValueError):
     """A configuration key or value that cannot be used; the message names the key and what is allowed."""
 
 
+class Role(enum.Flag):
+    """What a setting is to the rest of the platform, beside its value. Read with :func:`keys_with` and
+    :func:`values_with`; the areas in :data:`DECIDED_ROLES` must give every field's roles (``Role.NONE`` too)."""
+
+    NONE = 0
+    FINGERPRINT = enum.auto()  # changes the prepared rows: part of the prepared dataset's fingerprint (data)
+    # May change what a run learns (or, in tune, what a sweep tries): part of the derived run name (model, augment,
+    # train) and sweep name (those and tune). Settings that change only how a run executes are not.
+    RUN_NAME = enum.auto()
+    SEARCHABLE = enum.auto()  # a sweep may search it (tune.search_space)
+
+
+# The roles each area must decide for every one of its fields: forgetting one fails tests/code/test_config.py.
+DECIDED_ROLES = {"data": Role.FINGERPRINT, "model": Role.RUN_NAME, "augment": Role.RUN_NAME,
+                 "train": Role.RUN_NAME, "tune": Role.RUN_NAME}
+RUN_AREAS = ("model", "augment", "train")  # the areas a training run's name covers, beside its data
+SWEEP_AREAS = (*RUN_AREAS, "tune")
+INCLUDE = "include"  # the config file key naming a file to build on
+
+
 def setting(default: Any = dataclasses.MISSING, *, low: float | None = None, high: float | None = None,
-            factory: Any = dataclasses.MISSING, doc: str = "") -> Any:
-    """A dataclass field with inclusive numeric bounds (``low``/``high``) and a one-line description."""
-    meta = {"low": low, "high": high, "doc": doc}
+            factory: Any = dataclasses.MISSING, doc: str = "", roles: Role | None = None) -> Any:
+    """A dataclass field with inclusive numeric bounds (``low``/``high``), a one-line description and its
+    :class:`Role` flags (None: not given, which only areas outside :data:`DECIDED_ROLES` may leave)."""
+    meta = {"low": low, "high": high, "doc": doc, "roles": roles}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -38,18 +68,27 @@ class DataConfig:
     """Where the raw labels and images are, and how ``jobs/prepare.py`` turns them into Parquet."""
 
     labels: str = setting("outputs/phantoms/boneage-training-dataset.csv",
-                          doc="labels file (.csv or .xlsx) in one of the RSNA layouts")
-    images: str = setting("outputs/phantoms", doc="folder searched recursively for <id>.png/.jpg/.dcm")
-    out: str = setting("outputs/prepared/phantoms", doc="prepared dataset folder")
-    test_labels: Optional[str] = setting(None, doc="external test labels; replaces the test split drawn from labels")
-    test_images: Optional[str] = setting(None, doc="image folder for test_labels (default: data.images)")
-    image_size: int = setting(256, low=32, high=2048, doc="side of the square canvas, pixels; a multiple of 32")
-    val_fraction: float = setting(0.15, low=0.0, high=0.9, doc="share of each sex/age stratum for validation")
-    test_fraction: float = setting(0.15, low=0.0, high=0.9, doc="share for test (ignored with test_labels)")
-    age_band_months: int = setting(24, low=1, high=240, doc="width of the age bands used to stratify splits")
-    max_reject_fraction: float = setting(0.01, low=0.0, high=1.0, doc="fail if more rows than this are rejected")
-    max_image_megapixels: float = setting(64.0, low=0.01, high=1000.0, doc="decompression-bomb guard")
-    decode_batch_size: int = setting(1024, low=1, high=65536,
+                          roles=Role.FINGERPRINT, doc="labels file (.csv or .xlsx) in one of the RSNA layouts")
+    images: str = setting("outputs/phantoms",
+                          roles=Role.FINGERPRINT, doc="folder searched recursively for <id>.png/.jpg/.dcm")
+    out: str = setting("outputs/prepared/phantoms", roles=Role.NONE, doc="prepared dataset folder")
+    test_labels: Optional[str] = setting(None, roles=Role.FINGERPRINT,
+                                         doc="external test labels; replaces the test split drawn from labels")
+    test_images: Optional[str] = setting(None, roles=Role.FINGERPRINT,
+                                         doc="image folder for test_labels (default: data.images)")
+    image_size: int = setting(256, low=32, high=2048,
+                              roles=Role.FINGERPRINT, doc="side of the square canvas, pixels; a multiple of 32")
+    val_fraction: float = setting(0.15, low=0.0, high=0.9,
+                                  roles=Role.FINGERPRINT, doc="share of each sex/age stratum for validation")
+    test_fraction: float = setting(0.15, low=0.0, high=0.9,
+                                   roles=Role.FINGERPRINT, doc="share for test (ignored with test_labels)")
+    age_band_months: int = setting(24, low=1, high=240,
+                                   roles=Role.FINGERPRINT, doc="width of the age bands used to stratify splits")
+    max_reject_fraction: float = setting(0.01, low=0.0, high=1.0,
+                                         roles=Role.NONE, doc="fail if more rows than this are rejected")
+    max_image_megapixels: float = setting(64.0, low=0.01, high=1000.0,
+                                          roles=Role.FINGERPRINT, doc="decompression-bomb guard")
+    decode_batch_size: int = setting(1024, low=1, high=65536, roles=Role.NONE,
                                      doc="most images per decode task (and per Parquet file); lower for big images")
 
     def validate(self) -> None:
@@ -81,29 +120,43 @@ class PhantomConfig:
 class ModelConfig:
     """The VGG16 bone-age regressor."""
 
-    arch: Literal["vgg16", "vgg16_bn"] = setting("vgg16_bn", doc="torchvision backbone")
-    weights: str = setting("none", doc="'imagenet' (torch hub cache), 'none' (random), or a VGG16 state-dict file")
-    pooling: Literal["flatten", "avg", "max"] = setting("avg", doc="conv features to a vector (flatten: all)")
+    arch: Literal["vgg16", "vgg16_bn"] = setting("vgg16_bn",
+                                                 roles=Role.RUN_NAME | Role.SEARCHABLE, doc="torchvision backbone")
+    weights: str = setting("none", roles=Role.RUN_NAME | Role.SEARCHABLE,
+                           doc="'imagenet' (torch hub cache), 'none' (random), or a VGG16 state-dict file")
+    pooling: Literal["flatten", "avg", "max"] = setting("avg", roles=Role.RUN_NAME | Role.SEARCHABLE,
+                                                        doc="conv features to a vector (flatten: all)")
     head: list[int] = setting(factory=lambda: [512, 128], low=1, high=65536,
-                              doc="hidden layer sizes of the regression head")
-    dropout: float = setting(0.3, low=0.0, high=0.95, doc="dropout before each head layer")
-    sex_embedding: int = setting(16, low=1, high=1024, doc="width of the sex embedding joined to the features")
+                              roles=Role.RUN_NAME | Role.SEARCHABLE, doc="hidden layer sizes of the regression head")
+    dropout: float = setting(0.3, low=0.0, high=0.95,
+                             roles=Role.RUN_NAME | Role.SEARCHABLE, doc="dropout before each head layer")
+    sex_embedding: int = setting(16, low=1, high=1024, roles=Role.RUN_NAME | Role.SEARCHABLE,
+                                 doc="width of the sex embedding joined to the features")
 
 
 @dataclass
 class AugmentConfig:
     """Random training augmentations, named and meant as Keras ImageDataGenerator's; applied on the device."""
 
-    rotation_range: float = setting(5.0, low=0.0, high=180.0, doc="degrees, either way")
-    width_shift_range: float = setting(0.15, low=0.0, high=1.0, doc="fraction of the width, either way")
-    height_shift_range: float = setting(0.15, low=0.0, high=1.0, doc="fraction of the height, either way")
+    rotation_range: float = setting(5.0, low=0.0, high=180.0,
+                                    roles=Role.RUN_NAME | Role.SEARCHABLE, doc="degrees, either way")
+    width_shift_range: float = setting(0.15, low=0.0, high=1.0,
+                                       roles=Role.RUN_NAME | Role.SEARCHABLE, doc="fraction of the width, either way")
+    height_shift_range: float = setting(0.15, low=0.0, high=1.0, roles=Role.RUN_NAME | Role.SEARCHABLE,
+                                        doc="fraction of the height, either way")
     brightness_range: list[float] = setting(factory=lambda: [0.9, 1.1], low=0.0, high=10.0,
-                                            doc="[low, high] factor multiplying the pixel values")
-    zoom_range: float = setting(0.25, low=0.0, high=0.95, doc="zoom factor in [1 - z, 1 + z], as in Keras")
-    horizontal_flip: bool = setting(True, doc="mirror half of the images")
-    fill_mode: Literal["nearest", "constant", "reflect"] = setting("nearest", doc="pixels shifted in from outside")
-    preview_path: str = setting("outputs/augment-preview.png", doc="where jobs/preview_augment.py writes its grid")
-    preview_images: int = setting(8, low=1, high=64, doc="training images shown in the preview grid")
+                                            roles=Role.RUN_NAME, doc="[low, high] factor multiplying the pixel values")
+    zoom_range: float = setting(0.25, low=0.0, high=0.95,
+                                roles=Role.RUN_NAME | Role.SEARCHABLE, doc="zoom factor in [1 - z, 1 + z], as in Keras")
+    horizontal_flip: bool = setting(True, roles=Role.RUN_NAME | Role.SEARCHABLE, doc="mirror half of the images")
+    fill_mode: Literal["nearest", "constant", "reflect"] = setting("nearest", roles=Role.RUN_NAME,
+                                                                   doc="pixels shifted in from outside")
+    # The preview settings change nothing a run learns, but run names have hashed them from the start: they keep
+    # the role so that a resubmitted job still finds the run it started before settings had roles.
+    preview_path: str = setting("outputs/augment-preview.png",
+                                roles=Role.RUN_NAME, doc="where jobs/preview_augment.py writes its grid")
+    preview_images: int = setting(8, low=1, high=64,
+                                  roles=Role.RUN_NAME, doc="training images shown in the preview grid")
 
     def validate(self) -> None:
         low_high = self.brightness_range
@@ -115,44 +168,64 @@ class AugmentConfig:
 class TrainConfig:
     """Ray Train fine-tuning."""
 
-    epochs: int = setting(10, low=1, high=10_000)
-    batch_size: int = setting(32, low=1, high=4096, doc="per worker")
-    num_workers: int = setting(1, low=0, high=1024, doc="Ray Train workers; 0 trains in the driver process")
-    cpus_per_worker: float = setting(1.0, low=0.0, high=1024.0, doc="CPUs reserved per worker")
-    threads_per_worker: int = setting(0, low=0, high=1024, doc="torch threads per worker (0: its reserved CPUs)")
-    use_gpu: Literal["auto", True, False] = setting("auto", doc="auto: use GPUs when the cluster has them")
+    epochs: int = setting(10, low=1, high=10_000, roles=Role.RUN_NAME)
+    batch_size: int = setting(32, low=1, high=4096, roles=Role.RUN_NAME | Role.SEARCHABLE, doc="per worker")
+    num_workers: int = setting(1, low=0, high=1024,
+                               roles=Role.NONE, doc="Ray Train workers; 0 trains in the driver process")
+    cpus_per_worker: float = setting(1.0, low=0.0, high=1024.0, roles=Role.NONE, doc="CPUs reserved per worker")
+    threads_per_worker: int = setting(0, low=0, high=1024,
+                                      roles=Role.NONE, doc="torch threads per worker (0: its reserved CPUs)")
+    use_gpu: Literal["auto", True, False] = setting("auto",
+                                                    roles=Role.NONE, doc="auto: use GPUs when the cluster has them")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = setting(
-        "PACK", doc="how workers are placed on nodes (STRICT_SPREAD: one per node)")
-    lr: float = setting(1e-3, low=1e-7, high=1.0, doc="peak learning rate of the head")
-    backbone_lr_scale: float = setting(1.0, low=0.0, high=1.0, doc="backbone learning rate = lr x this")
-    weight_decay: float = setting(1e-4, low=0.0, high=1.0, doc="AdamW weight decay")
-    warmup_epochs: float = setting(0.5, low=0.0, high=1000.0, doc="linear warm-up, then cosine decay to zero")
-    grad_clip: float = setting(1.0, low=0.0, high=1e6, doc="max gradient norm (0: no clipping)")
-    freeze_epochs: int = setting(0, low=0, high=10_000, doc="epochs training the head only, backbone frozen")
-    unfreeze_blocks: int = setting(5, low=0, high=5, doc="after freeze_epochs, train the top K of 5 conv blocks")
+        "PACK", roles=Role.NONE, doc="how workers are placed on nodes (STRICT_SPREAD: one per node)")
+    lr: float = setting(1e-3, low=1e-7, high=1.0,
+                        roles=Role.RUN_NAME | Role.SEARCHABLE, doc="peak learning rate of the head")
+    backbone_lr_scale: float = setting(1.0, low=0.0, high=1.0,
+                                       roles=Role.RUN_NAME | Role.SEARCHABLE, doc="backbone learning rate = lr x this")
+    weight_decay: float = setting(1e-4, low=0.0, high=1.0,
+                                  roles=Role.RUN_NAME | Role.SEARCHABLE, doc="AdamW weight decay")
+    warmup_epochs: float = setting(0.5, low=0.0, high=1000.0, roles=Role.RUN_NAME | Role.SEARCHABLE,
+                                   doc="linear warm-up, then cosine decay to zero")
+    grad_clip: float = setting(1.0, low=0.0, high=1e6, roles=Role.RUN_NAME, doc="max gradient norm (0: no clipping)")
+    freeze_epochs: int = setting(0, low=0, high=10_000, roles=Role.RUN_NAME | Role.SEARCHABLE,
+                                 doc="epochs training the head only, backbone frozen")
+    unfreeze_blocks: int = setting(5, low=0, high=5, roles=Role.RUN_NAME | Role.SEARCHABLE,
+                                   doc="after freeze_epochs, train the top K of 5 conv blocks")
     bn_recalibration_batches: int = setting(
-        8, low=0, high=100_000, doc="before validating, re-estimate batch-norm statistics from the epoch's last "
-                                    "N batches (0: off); steadies early val MAE")
+        8, low=0, high=100_000, roles=Role.RUN_NAME,
+        doc="before validating, re-estimate batch-norm statistics from the epoch's last N batches (0: off); steadies "
+            "early val MAE")
     ema_epochs: float = setting(
-        0.0, low=0.0, high=1000.0, doc="validate and keep a running average of the weights, with this time constant "
-                                       "in epochs (0: off); steadies val MAE at high learning rates")
-    prefetch_batches: int = setting(2, low=0, high=64, doc="batches Ray Data prepares ahead of the step")
-    shuffle_buffer: int = setting(512, low=0, high=1_000_000, doc="rows in the local shuffle buffer (0: off)")
-    cache_dataset: bool = setting(True, doc="keep the splits in Ray's object store across epochs instead of "
-                                            "re-reading Parquet; turn off for data larger than the object store")
+        0.0, low=0.0, high=1000.0, roles=Role.RUN_NAME,
+        doc="validate and keep a running average of the weights, with this time constant in epochs (0: off); "
+            "steadies val MAE at high learning rates")
+    prefetch_batches: int = setting(2, low=0, high=64,
+                                    roles=Role.NONE, doc="batches Ray Data prepares ahead of the step")
+    shuffle_buffer: int = setting(512, low=0, high=1_000_000,
+                                  roles=Role.RUN_NAME, doc="rows in the local shuffle buffer (0: off)")
+    cache_dataset: bool = setting(True, roles=Role.NONE,
+                                  doc="keep the splits in Ray's object store across epochs instead of re-reading "
+                                      "Parquet; turn off for data larger than the object store")
     precision: Literal["auto", "bf16", "fp32"] = setting(
-        "auto", doc="auto: bf16 autocast on GPUs and on CPUs with bf16 instructions, where it trains faster (AMX: "
+        "auto", roles=Role.RUN_NAME,
+        doc="auto: bf16 autocast on GPUs and on CPUs with bf16 instructions, where it trains faster (AMX: "
                     "2.4x; avx512_bf16 without AMX, e.g. AMD Zen 4: 2.0x), fp32 on other CPUs; see "
                     "boneage.precision and bench/results/precision.json")
-    progress_seconds: float = setting(30.0, low=0.01, high=86_400.0, doc="a progress line within an epoch at "
-                                                                          "least this often (images, img/s, time left)")
-    compile: bool = setting(False, doc="torch.compile the model: VGG16 at 224 px trains 1.35x faster on an H200 "
-                                       "(bench/results/gpu_train.json); the first epoch waits for the compiler")
-    seed: int = setting(0, low=0)
-    storage_path: str = setting("outputs/ray_results", doc="local folder or URI (s3://, gs://); shared on clusters")
-    run_name: str = setting("", doc="Ray Train run name; empty: derived from the settings, so reruns resume")
-    max_failures: int = setting(2, low=-1, high=1000, doc="worker failures to recover from (-1: forever)")
-    keep_checkpoints: int = setting(2, low=1, high=1000, doc="best checkpoints kept, by val MAE")
+    progress_seconds: float = setting(30.0, low=0.01, high=86_400.0, roles=Role.NONE,
+                                      doc="a progress line within an epoch at least this often (images, img/s, "
+                                          "time left)")
+    compile: bool = setting(False, roles=Role.NONE,
+                            doc="torch.compile the model: VGG16 at 224 px trains 1.35x faster on an H200 "
+                                "(bench/results/gpu_train.json); the first epoch waits for the compiler")
+    seed: int = setting(0, low=0, roles=Role.RUN_NAME)
+    storage_path: str = setting("outputs/ray_results",
+                                roles=Role.NONE, doc="local folder or URI (s3://, gs://); shared on clusters")
+    run_name: str = setting("", roles=Role.NONE,
+                            doc="Ray Train run name; empty: derived from the settings, so reruns resume")
+    max_failures: int = setting(2, low=-1, high=1000,
+                                roles=Role.NONE, doc="worker failures to recover from (-1: forever)")
+    keep_checkpoints: int = setting(2, low=1, high=1000, roles=Role.NONE, doc="best checkpoints kept, by val MAE")
 
     def validate(self) -> None:
         if self.ema_epochs and not self.bn_recalibration_batches:
@@ -172,16 +245,24 @@ class RegistryConfig:
 class TuneConfig:
     """Ray Tune sweeps over the training job (``jobs/tune.py``)."""
 
-    search_space: dict = setting(factory=dict, doc="{area.key: {choice: [...]} | {uniform|loguniform: [lo, hi]}}")
-    num_samples: int = setting(8, low=1, high=100_000, doc="trials drawn from the search space")
-    max_epochs: int = setting(6, low=1, high=10_000, doc="epochs of a trial that ASHA never stops")
-    grace_period: int = setting(1, low=1, high=10_000, doc="epochs every trial runs before ASHA may stop it")
-    reduction_factor: int = setting(2, low=2, high=100, doc="ASHA keeps the best 1/factor at each rung")
-    metric: str = setting("val_mae", doc="the reported metric to minimise")
-    seed: int = setting(0, low=0, doc="seed of the trial sampler: the same seed draws the same trials")
-    sweep_name: str = setting("", doc="empty: derived from the settings, so rerunning resumes the sweep")
-    data_cpus: float = setting(1.0, low=0.0, high=1024.0, doc="CPUs left free for Ray Data while trials run")
-    scheduler: Literal["asha", "fifo"] = setting("asha", doc="asha stops weak trials early; fifo runs all to the end")
+    search_space: dict = setting(factory=dict, roles=Role.RUN_NAME,
+                                 doc="{area.key: {choice: [...]} | {uniform|loguniform: [lo, hi]}}")
+    num_samples: int = setting(8, low=1, high=100_000, roles=Role.RUN_NAME, doc="trials drawn from the search space")
+    max_epochs: int = setting(6, low=1, high=10_000, roles=Role.RUN_NAME,
+                              doc="epochs of a trial that ASHA never stops")
+    grace_period: int = setting(1, low=1, high=10_000,
+                                roles=Role.RUN_NAME, doc="epochs every trial runs before ASHA may stop it")
+    reduction_factor: int = setting(2, low=2, high=100,
+                                    roles=Role.RUN_NAME, doc="ASHA keeps the best 1/factor at each rung")
+    metric: str = setting("val_mae", roles=Role.RUN_NAME, doc="the reported metric to minimise")
+    seed: int = setting(0, low=0,
+                        roles=Role.RUN_NAME, doc="seed of the trial sampler: the same seed draws the same trials")
+    sweep_name: str = setting("", roles=Role.NONE,
+                              doc="empty: derived from the settings, so rerunning resumes the sweep")
+    data_cpus: float = setting(1.0, low=0.0, high=1024.0,
+                               roles=Role.NONE, doc="CPUs left free for Ray Data while trials run")
+    scheduler: Literal["asha", "fifo"] = setting("asha", roles=Role.RUN_NAME,
+                                                 doc="asha stops weak trials early; fifo runs all to the end")
 
 
 @dataclass
@@ -235,7 +316,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Build a :class:`Config` from defaults, then the YAML file at ``path``, then ``key=value`` overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = _read_yaml(Path(path))
+        raw = _read_config_file(Path(path))
     for item in overrides:
         key, value = _parse_override(item)
         _set_nested(raw, key.split("."), value)
@@ -273,6 +354,40 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     return path
 
 
+def keys_with(role: Role, cls: type = Config, prefix: str = "") -> tuple[str, ...]:
+    """The dotted keys (``area.key``) of every setting that carries ``role``, in declaration order."""
+    keys: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += keys_with(role, hints[f.name], prefix=f"{prefix}{f.name}.")
+        elif role in (f.metadata.get("roles") or Role.NONE):
+            keys.append(f"{prefix}{f.name}")
+    return tuple(keys)
+
+
+def values_with(role: Role, area: Any) -> dict[str, Any]:
+    """``{key: value}`` (plain data) of the settings in one area's dataclass that carry ``role``."""
+    values = to_dict(area)
+    return {f.name: values[f.name] for f in dataclasses.fields(area) if role in (f.metadata.get("roles") or Role.NONE)}
+
+
+def settings_fingerprint(cfg: Config, data_fingerprint: str, areas: tuple[str, ...] = RUN_AREAS) -> str:
+    """A hash of the prepared data and the :attr:`Role.RUN_NAME` settings of ``areas``: what a run learns
+    (:data:`RUN_AREAS`) or a sweep tries (:data:`SWEEP_AREAS`)."""
+    return sha256_json({"data": data_fingerprint,
+                        **{area: values_with(Role.RUN_NAME, getattr(cfg, area)) for area in areas}})
+
+
+def derived_name(cfg: Config, data_fingerprint: str, sweep: bool = False) -> str:
+    """The name of a training run, ``<registry.name>-<hash>``, or with ``sweep`` of a sweep,
+    ``sweep-<registry.name>-<hash>``: fixed by the data and the settings that may change what is learned (and, for
+    a sweep, tried), so resubmitting the same job finds and resumes its own run, and a changed setting starts a
+    new one."""
+    areas, prefix = (SWEEP_AREAS, "sweep-") if sweep else (RUN_AREAS, "")
+    return f"{prefix}{cfg.registry.name}-{settings_fingerprint(cfg, data_fingerprint, areas)[:10]}"
+
+
 def describe(cls: type = Config, prefix: str = "") -> list[str]:
     """One line per key: ``area.key  type  default  bounds  description`` (for README and ``--help``)."""
     lines = []
@@ -287,9 +402,35 @@ def describe(cls: type = Config, prefix: str = "") -> list[str]:
     return lines
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's areas, on top of those of the file its ``include:`` names (followed recursively)."""
+    raw = _read_yaml(path, included_by=chain[-1] if chain else None)
+    if INCLUDE not in raw:
+        return raw
+    name = raw.pop(INCLUDE)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"config file {path}: include must name one file, got {name!r}")
+    base = path.parent / name
+    here = (*chain, path.resolve())
+    if base.resolve() in here:
+        raise ConfigError(f"config file {path}: include: {name} makes a cycle "
+                          f"({' -> '.join(p.name for p in (*here, base.resolve()))})")
+    return _merge_areas(_read_config_file(base, here), raw)
+
+
+def _merge_areas(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, key by key within each area (a key's value, e.g. a search space, is replaced whole)."""
+    merged = dict(base)
+    for area, values in top.items():
+        below = merged.get(area)
+        merged[area] = {**below, **values} if isinstance(below, dict) and isinstance(values, dict) else values
+    return merged
+
+
+def _read_yaml(path: Path, included_by: Path | None = None) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        where = f" (included by {included_by})" if included_by else ""
+        raise ConfigError(f"config file {path}{where} does not exist")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:

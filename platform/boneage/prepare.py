@@ -36,7 +36,7 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import WriteResult
 
 from boneage.artifacts import atomic_directory, code_version, sha256_file, sha256_json, write_json
-from boneage.config import Config, DataConfig, save_config, to_dict
+from boneage.config import Config, DataConfig, Role, save_config, values_with
 from boneage.dataset import (CONFIG, MANIFEST, REJECTS, SPLIT_COLUMN, image_column, quiet_context, read_manifest,
                              split_path)
 from boneage.errors import JobError
@@ -52,8 +52,6 @@ log = logging.getLogger(__name__)
 PREPARE_VERSION = 3
 PART_COLUMNS = ["id", "image", "boneage", "male"]  # and split, from the folder name
 MIN_DECODE_TASKS = 8
-# Settings that do not change the prepared rows; everything else in DataConfig goes into the fingerprint.
-_NOT_FINGERPRINTED = ("out", "decode_batch_size", "max_reject_fraction")
 
 
 class TooManyRejects(JobError, RuntimeError):
@@ -193,7 +191,7 @@ class SplitParquetSink(Datasink[pd.DataFrame]):
 
 def input_fingerprint(data: DataConfig, sources: list[dict[str, Any]]) -> str:
     """A hash of everything that determines the output: label files, image files, settings, preprocessing."""
-    settings = {k: v for k, v in to_dict(data).items() if k not in _NOT_FINGERPRINTED}
+    settings = values_with(Role.FINGERPRINT, data)
     return sha256_json({"prepare_version": PREPARE_VERSION, "settings": settings, "sources": sources})
 
 

@@ -35,9 +35,9 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from boneage.artifacts import atomic_directory, sha256_json
+from boneage.artifacts import atomic_directory
 from boneage.bundle import BundleMeta, DataSource, TargetScale, promote_if_better, reference, register, write_bundle
-from boneage.config import Config, config_from_dict, to_dict
+from boneage.config import Config, config_from_dict, derived_name, settings_fingerprint, to_dict
 from boneage.curves import TensorBoardCurves
 from boneage.dataset import batch_tensors, read_manifest, read_split
 from boneage.engine import EpochProgress, EvalSums, TrainStep, evaluate, synchronize
@@ -50,10 +50,6 @@ log = logging.getLogger(__name__)
 METRIC = "val_mae"
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
-# Settings that change how a run executes but not what it learns: left out of the derived run name.
-_RUN_NAME_EXCLUDES = {"num_workers", "cpus_per_worker", "use_gpu", "storage_path", "run_name", "max_failures",
-                      "keep_checkpoints", "prefetch_batches", "threads_per_worker", "cache_dataset",
-                      "placement_strategy", "compile", "progress_seconds"}
 
 
 @dataclass
@@ -487,17 +483,13 @@ def mean_baseline_mae(val: ray.data.Dataset, train_mean: float) -> float:
 
 
 def run_name(cfg: Config, manifest: dict[str, Any]) -> str:
-    """A name fixed by what the run learns (data, model, augmentations, optimisation), so resubmitting the same
-    job finds and resumes its own run, and a changed setting starts a new one."""
-    return f"{cfg.registry.name}-{learned_fingerprint(cfg, manifest)[:10]}"
+    """The derived name of a training run on the prepared dataset ``manifest`` describes (:func:`derived_name`)."""
+    return derived_name(cfg, manifest["fingerprint"])
 
 
 def learned_fingerprint(cfg: Config, manifest: dict[str, Any]) -> str:
-    """A hash of what a run learns: the data, model, augmentations and optimisation settings."""
-    train = {k: v for k, v in to_dict(cfg.train).items() if k not in _RUN_NAME_EXCLUDES}
-    learns = {"data": manifest["fingerprint"], "model": to_dict(cfg.model), "augment": to_dict(cfg.augment),
-              "train": train}
-    return sha256_json(learns)
+    """A hash of what a run learns: the data and the settings that name the run (:func:`settings_fingerprint`)."""
+    return settings_fingerprint(cfg, manifest["fingerprint"])
 
 
 def storage_path(path: str) -> str:

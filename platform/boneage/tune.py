@@ -5,10 +5,14 @@ The Train V2 pattern: every Tune trial is a small driver that builds and fits th
 epoch metrics through ``TuneReportCallback``. There is no second training loop. Each trial's Train run writes its
 own TensorBoard curves, as every training run does.
 
-The search space is YAML under ``tune.search_space``, keyed by config key (see :data:`SEARCHABLE`)::
+The search space is YAML under ``tune.search_space``, keyed by config key (the settings with
+``Role.SEARCHABLE``, :func:`boneage.config.keys_with`); ``randint: [low, high]`` includes both ends::
 
     train.lr: {loguniform: [1.0e-4, 3.0e-3]}
     model.head: {choice: [[256], [512, 128], [1024, 256]]}
+
+Tune records each trial's draws beside the sweep's whole config (:func:`trial_space`): the trial trains with the
+config :func:`trial_config` makes of that record, and its bundle states the same one.
 
 Everything is checked before any trial starts: the space, the metric, and that one trial fits the cluster. The
 sweep name is derived from its settings, so rerunning the same command after an interruption resumes the sweep
@@ -27,15 +31,16 @@ from typing import Any
 import pandas as pd
 import ray
 from ray import tune
+from ray.train import Checkpoint
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.util.state import list_actors
 
-from boneage.artifacts import atomic_file, sha256_json
+from boneage.artifacts import atomic_file
 from boneage.bundle import promote_if_better
-from boneage.config import Config, ConfigError, config_from_dict, to_dict, with_overrides
+from boneage.config import Config, ConfigError, Role, config_from_dict, derived_name, keys_with, to_dict, with_overrides
 from boneage.dataset import read_manifest
 from boneage.errors import JobError
 from boneage.train import (REPORTED_METRICS, RunPlan, connect_to_ray, export_bundle, make_trainer, plan_run,
@@ -43,11 +48,7 @@ from boneage.train import (REPORTED_METRICS, RunPlan, connect_to_ray, export_bun
 
 log = logging.getLogger(__name__)
 
-SEARCHABLE = ("model.arch", "model.weights", "model.pooling", "model.head", "model.dropout", "model.sex_embedding",
-              "train.lr", "train.weight_decay", "train.backbone_lr_scale", "train.freeze_epochs",
-              "train.unfreeze_blocks", "train.batch_size", "train.warmup_epochs", "augment.rotation_range",
-              "augment.width_shift_range", "augment.height_shift_range", "augment.zoom_range",
-              "augment.horizontal_flip")
+BASE = "base"  # the entry of a trial's Tune config that holds the sweep's whole config (trial_space)
 DISTRIBUTIONS = {"choice": tune.choice, "uniform": tune.uniform, "loguniform": tune.loguniform,
                  "randint": tune.randint}
 
@@ -82,13 +83,14 @@ def parse_search_space(space: dict[str, Any], base: Config) -> dict[str, Any]:
     if not space:
         raise SweepError("tune.search_space is empty: give at least one setting to search, e.g. "
                          "tune.search_space={train.lr: {loguniform: [1.0e-4, 3.0e-3]}}; searchable: "
-                         + ", ".join(SEARCHABLE))
+                         + ", ".join(keys_with(Role.SEARCHABLE)))
     return {key: _parse_distribution(key, spec, base) for key, spec in space.items()}
 
 
 def _parse_distribution(key: str, spec: Any, base: Config) -> Any:
-    if key not in SEARCHABLE:
-        raise SweepError(f"tune.search_space: {key!r} cannot be searched; searchable: {', '.join(SEARCHABLE)}")
+    if key not in keys_with(Role.SEARCHABLE):
+        raise SweepError(f"tune.search_space: {key!r} cannot be searched; searchable: "
+                         + ", ".join(keys_with(Role.SEARCHABLE)))
     if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
         raise SweepError(f"tune.search_space.{key} must be one of {{choice: [...]}}, {{uniform: [low, high]}}, "
                          f"{{loguniform: [low, high]}}, {{randint: [low, high]}}; got {spec!r}")
@@ -105,14 +107,30 @@ def _parse_distribution(key: str, spec: Any, base: Config) -> Any:
         if not low < high or (kind == "loguniform" and low <= 0):
             raise SweepError(f"tune.search_space.{key}.{kind}: need low < high{' and low > 0' * (kind == 'loguniform')}"
                              f", got {values!r}")
-        candidates = [int(low), int(high) - 1] if kind == "randint" else [low, high]
-        values = candidates if kind == "randint" else [low, high]
+        if kind == "randint" and not (low.is_integer() and high.is_integer()):
+            raise SweepError(f"tune.search_space.{key}.randint needs whole numbers [low, high], got {values!r}")
+        candidates = [int(low), int(high)] if kind == "randint" else [low, high]
     for value in candidates:  # every value must be one the config system accepts
         try:
             with_overrides(base, {key: value})
         except ConfigError as err:
             raise SweepError(f"tune.search_space.{key}: {err}") from None
-    return DISTRIBUTIONS[kind](values) if kind == "choice" else DISTRIBUTIONS[kind](*values)
+    if kind == "randint":  # the YAML's [low, high] includes both ends; Tune's randint excludes its upper bound
+        return tune.randint(candidates[0], candidates[1] + 1)
+    return DISTRIBUTIONS[kind](candidates) if kind == "choice" else DISTRIBUTIONS[kind](*candidates)
+
+
+def trial_space(cfg: Config, space: dict[str, Any]) -> dict[str, Any]:
+    """Tune's param space: the searched settings' distributions, keyed ``area.key`` in the YAML's order (which
+    fixes what a seed draws), and under :data:`BASE` the sweep's whole config, its trials training
+    ``tune.max_epochs`` epochs. Tune records it, resolved, with each trial."""
+    return {**space, BASE: to_dict(with_overrides(cfg, {"train.epochs": cfg.tune.max_epochs}))}
+
+
+def trial_config(resolved: dict[str, Any]) -> Config:
+    """The config one trial trains with, from its resolved :func:`trial_space` as Tune recorded it."""
+    draws = {key: value for key, value in resolved.items() if key != BASE}
+    return with_overrides(config_from_dict(resolved[BASE]), draws)
 
 
 def check_metric(metric: str) -> None:
@@ -152,15 +170,14 @@ def trial_concurrency(cfg: Config, cluster: dict[str, float]) -> int:
 
 
 def sweep_name(cfg: Config, manifest: dict[str, Any]) -> str:
-    """Fixed by the data, the base settings and the sweep settings: rerunning the same sweep resumes it."""
-    return f"sweep-{cfg.registry.name}-" + sha256_json({
-        "data": manifest["fingerprint"], "model": to_dict(cfg.model), "augment": to_dict(cfg.augment),
-        "train": to_dict(cfg.train), "tune": to_dict(cfg.tune)})[:10]
+    """The derived name of a sweep on the prepared dataset ``manifest`` describes: rerunning the same sweep resumes
+    it (:func:`boneage.config.derived_name`)."""
+    return derived_name(cfg, manifest["fingerprint"], sweep=True)
 
 
-def run_trial(params: dict[str, Any], base: dict[str, Any], plan: RunPlan, sweep: str, storage: str) -> None:
-    """One Tune trial: the training job with the trial's settings, its Train run named after the trial."""
-    cfg = with_overrides(config_from_dict(base), {**params, "train.epochs": base["tune"]["max_epochs"]})
+def run_trial(resolved: dict[str, Any], plan: RunPlan, sweep: str, storage: str) -> None:
+    """One Tune trial: the training job with the trial's config, its Train run named after the trial."""
+    cfg = trial_config(resolved)
     name = f"{sweep}-{tune.get_context().get_trial_id()}"
     make_trainer(cfg, plan.loop_config(cfg), plan.datasets, name, storage, callbacks=[TuneReportCallback()]).fit()
 
@@ -179,7 +196,7 @@ def run_sweep(cfg: Config) -> SweepOutcome:
     # A trial only waits on its Train run, whose workers hold the CPUs. Tune refuses an empty request, so the
     # trial asks for no CPU and a token of memory.
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=to_dict(cfg), plan=plan, sweep=name, storage=storage),
+        tune.with_parameters(run_trial, plan=plan, sweep=name, storage=storage),
         {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
     path = f"{storage}/{name}"
     if tune.Tuner.can_restore(path):
@@ -188,7 +205,8 @@ def run_sweep(cfg: Config) -> SweepOutcome:
     else:
         log.info("sweep %s: %d trials, up to %d at a time, %d epochs at most, baseline val MAE %.2f", name,
                  cfg.tune.num_samples, concurrency, cfg.tune.max_epochs, plan.baseline_mae)
-        tuner = tune.Tuner(trainable, param_space=space, tune_config=_tune_config(cfg, concurrency),
+        tuner = tune.Tuner(trainable, param_space=trial_space(cfg, space),
+                           tune_config=_tune_config(cfg, concurrency),
                            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
                                                      callbacks=[logger() for logger in TUNE_LOGGERS]))
     # Both read when the sweep starts; a restored sweep keeps the callbacks it was created with.
@@ -261,9 +279,8 @@ def _export_best(results: tune.ResultGrid, table: pd.DataFrame, board: Path, cfg
     best_result = min(ok, key=lambda r: r.metrics_dataframe[metric].min())
     history = best_result.metrics_dataframe.dropna(subset=[CHECKPOINT_PATH_KEY])
     best_row = history.loc[history[metric].idxmin()]
-    trial_cfg = with_overrides(cfg, {**{k: best_result.config[k] for k in best_result.config},
-                                     "train.epochs": cfg.tune.max_epochs})
-    checkpoint = ray.train.Checkpoint(best_row[CHECKPOINT_PATH_KEY])
+    trial_cfg = trial_config(best_result.config)  # what the trial trained with, from Tune's record of it
+    checkpoint = Checkpoint(best_row[CHECKPOINT_PATH_KEY])
     metrics = {k: best_row[k] for k in REPORTED_METRICS if k in best_row}
     trial_id = Path(best_result.path).name.removeprefix("trial-")
     bundle = export_bundle(checkpoint, trial_cfg, plan, metrics, f"{name}-{trial_id}")

@@ -1,12 +1,15 @@
 """The config system: YAML + --set overrides, typed, validated before any work starts."""
 
+import dataclasses
 import subprocess
 import sys
+import typing
 
 import pytest
 import yaml
 
-from boneage.config import Config, ConfigError, load_config, save_config
+from boneage.config import (DECIDED_ROLES, Config, ConfigError, Role, derived_name, keys_with, load_config,
+                            save_config)
 from helpers import ROOT
 
 
@@ -90,3 +93,89 @@ def test_job_rejects_bad_settings_before_doing_any_work(tmp_path):
     assert out.returncode == 2
     assert "data.image_size=-3 is out of range" in out.stderr
     assert not (tmp_path / "o").exists()
+
+
+def undecided_fields(cls: type = Config) -> list[str]:
+    """``area.key`` of every field, in the areas of DECIDED_ROLES, whose setting() gives no roles."""
+    hints = typing.get_type_hints(cls)
+    return [f"{area}.{f.name}" for area in DECIDED_ROLES for f in dataclasses.fields(hints[area])
+            if f.metadata.get("roles") is None]
+
+
+def test_every_setting_of_the_named_areas_decides_its_roles():
+    """A new data/model/augment/train/tune field must say whether it is fingerprinted or names runs and sweeps
+    (roles=Role.NONE when neither): left out, it would silently join or miss the names that let jobs resume."""
+    assert undecided_fields() == []
+
+    @dataclasses.dataclass
+    class NewTrain(type(Config().train)):
+        new_knob: int = dataclasses.field(default=1)  # a field added without roles
+
+    @dataclasses.dataclass
+    class NewConfig(Config):
+        train: NewTrain = dataclasses.field(default_factory=NewTrain)
+
+    assert undecided_fields(NewConfig) == ["train.new_knob"]
+
+
+def test_roles_are_read_from_the_fields():
+    searchable = keys_with(Role.SEARCHABLE)
+    assert {"train.lr", "model.head", "augment.zoom_range"} <= set(searchable)
+    assert set(searchable) <= set(keys_with(Role.RUN_NAME))  # a searched setting changes what a trial learns
+    assert all(key.split(".")[0] in ("model", "augment", "train") for key in searchable)  # what a trial trains with
+    assert "train.num_workers" not in keys_with(Role.RUN_NAME)
+    fingerprinted = keys_with(Role.FINGERPRINT)
+    assert {"data.image_size", "data.labels"} <= set(fingerprinted) and "data.out" not in fingerprinted
+    assert {key.split(".")[0] for key in fingerprinted} == {"data"}
+
+
+def test_derived_names_follow_what_is_learned_and_stay_stable():
+    cfg = load_config()
+    # Pinned: a resubmitted job must find the run it started before (these are the names the code gave then).
+    assert derived_name(cfg, "data-a") == "boneage-vgg16-dcda25b0a4"
+    executes = load_config(overrides=["train.num_workers=4", "train.storage_path=/elsewhere", "tune.data_cpus=2"])
+    assert derived_name(executes, "data-a") == derived_name(cfg, "data-a")
+    assert derived_name(executes, "data-a", sweep=True) == derived_name(cfg, "data-a", sweep=True)
+    assert derived_name(load_config(overrides=["train.lr=0.01"]), "data-a") != derived_name(cfg, "data-a")
+    assert derived_name(cfg, "data-b") != derived_name(cfg, "data-a")
+    sweep = derived_name(cfg, "data-a", sweep=True)
+    assert sweep.startswith("sweep-boneage-vgg16-") and sweep != "sweep-" + derived_name(cfg, "data-a")
+    assert derived_name(load_config(overrides=["tune.num_samples=3"]), "data-a", sweep=True) != sweep
+    assert derived_name(load_config(overrides=["tune.num_samples=3"]), "data-a") == derived_name(cfg, "data-a")
+
+
+def test_a_config_file_builds_on_the_file_it_includes(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "train.yaml").write_text(
+        "model:\n  head: [64]\n  dropout: 0.2\ntrain:\n  epochs: 3\ntune:\n  search_space: {train.lr: "
+        "{choice: [0.1]}}\n")
+    (tmp_path / "sweep.yaml").write_text(
+        "include: base/train.yaml\nmodel:\n  dropout: 0.4\ntune:\n  search_space: {model.head: {choice: [[8]]}}\n")
+    cfg = load_config(tmp_path / "sweep.yaml", ["train.epochs=5"])
+    assert cfg.model.head == [64] and cfg.model.dropout == 0.4  # kept from the base, replaced key by key
+    assert cfg.tune.search_space == {"model.head": {"choice": [[8]]}}  # a key's value is replaced whole
+    assert cfg.train.epochs == 5  # --set still wins
+
+
+def test_the_tune_config_builds_on_the_training_config():
+    tune, train = load_config(ROOT / "configs" / "tune.yaml"), load_config(ROOT / "configs" / "train.yaml")
+    for area in ("data", "model", "augment", "registry"):
+        assert getattr(tune, area) == getattr(train, area)
+    assert tune.train == train.train
+    assert tune.tune.search_space and not train.tune.search_space
+
+
+@pytest.mark.parametrize("files, words", [
+    ({"a.yaml": "include: missing.yaml\n"}, ["missing.yaml", "included by", "a.yaml", "does not exist"]),
+    ({"a.yaml": "include: b.yaml\n", "b.yaml": "include: a.yaml\n"}, ["a.yaml -> b.yaml -> a.yaml", "cycle"]),
+    ({"a.yaml": "include: a.yaml\n"}, ["a.yaml -> a.yaml", "cycle"]),
+    ({"a.yaml": "include: [b.yaml]\n"}, ["a.yaml", "include must name one file"]),
+])
+def test_bad_includes_fail_naming_the_file(tmp_path, files, words):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "a.yaml")
+    assert "\n" not in str(err.value)
+    for word in words:
+        assert word in str(err.value)

@@ -1,32 +1,47 @@
 """Ray Tune sweeps: ASHA stops weak trials, the leaderboard, promotion, resume, and bad input caught up front."""
 
+import ast
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import ray
+from ray.tune.search.variant_generator import generate_variants
 
+import boneage.tune
 from boneage.bundle import read_best, resolve
+from boneage.config import load_config
 from boneage.curves import CURVES
 from boneage.dataset import read_manifest
-from boneage.tune import (SweepError, parse_search_space, run_sweep, sweep_name, trial_concurrency,
-                          write_leaderboard)
-from helpers import ROOT, as_logged, read_curves, train_config
+from boneage.tune import (BASE, SweepError, parse_search_space, run_sweep, sweep_name, trial_concurrency,
+                          trial_config, trial_space, write_leaderboard)
+from helpers import ROOT, as_logged, read_curves, train_config, train_overrides, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 SPACE = "{model.head: {choice: [[8], [16]]}, train.lr: {loguniform: [3.0e-4, 3.0e-3]}}"
+SWEEP = ("train.max_failures=0", f"tune.search_space={SPACE}", "tune.num_samples=4", "tune.max_epochs=3",
+         "tune.grace_period=1", "tune.reduction_factor=2",
+         # One trial at a time (the session has 4 CPUs): each trial reaches ASHA's rungs after the one before it
+         # ended, so ASHA's decisions follow from the trials' val MAE alone, not from a busy machine's timing.
+         "tune.data_cpus=3")
+ASHA_RUNGS = (1, 2)  # epochs at which ASHA judges a trial: grace period 1, reduction factor 2, below max_epochs 3
+STOPPED, COMPLETED = "stopped early (ASHA)", "completed"
+
+
+def sweep_overrides(prepared: Path, work: Path, *extra: str) -> list[str]:
+    """The shared tiny training settings and this file's sweep, as ``--set`` overrides."""
+    return train_overrides(prepared, work, *SWEEP, *extra)
 
 
 def sweep_config(prepared: Path, work: Path, *extra: str):
-    return train_config(prepared, work, "train.max_failures=0", f"tune.search_space={SPACE}", "tune.num_samples=4",
-                        "tune.max_epochs=3", "tune.grace_period=1", "tune.reduction_factor=2", *extra)
+    return load_config(overrides=sweep_overrides(prepared, work, *extra))
 
 
 def seed_best(cfg, manifest: dict, val_mae: float) -> None:
@@ -46,8 +61,11 @@ def test_sweep_stops_weak_trials_early_writes_a_leaderboard_and_promotes_a_bette
     table = outcome.table
     assert len(table) == 4 and set(table.columns) >= {"trial", "model.head", "train.lr", "epochs", "best_val_mae",
                                                        "status", "wall_seconds", "val_mae"}
-    assert (table["status"] == "stopped early (ASHA)").sum() >= 1
-    assert (table["status"] == "completed").sum() >= 1
+    sweep = tmp_path / "runs" / sweep_name(cfg, read_manifest(prepared_dir))
+    histories = {trial: heard_val_mae(sweep, trial) for trial in table["trial"]}
+    statuses = dict(zip(table["trial"], table["status"]))
+    assert statuses == asha_decisions(histories)  # ASHA's rule, applied to what the trials reported
+    assert STOPPED in statuses.values() and COMPLETED in statuses.values()
     assert table["best_val_mae"].is_monotonic_increasing  # best first
     assert (table.loc[table["status"] == "completed", "epochs"] == 3).all()
     curves = table["val_mae"].str.split().map(lambda values: [float(v) for v in values])
@@ -58,12 +76,37 @@ def test_sweep_stops_weak_trials_early_writes_a_leaderboard_and_promotes_a_bette
 
     assert_one_tensorboard_run_per_trial(tmp_path / "runs", sweep_name(cfg, read_manifest(prepared_dir)), table)
 
-    assert cpus_come_back(), "a stopped trial kept its Train run's CPUs"
+    wait_until(all_cpus_free, "every CPU free again (a stopped trial's Train run kept its CPUs)", timeout=60)
 
     assert outcome.promoted and "beats version 99" in outcome.promotion
     assert resolve(f"{cfg.registry.name}:best", cfg.registry.root) == outcome.bundle
     meta = json.loads((outcome.bundle / "bundle.json").read_text())
     assert meta["metrics"]["val_mae"] == pytest.approx(table["best_val_mae"].iloc[0])
+    best = table.iloc[0]  # the bundle states the settings its trial trained with
+    assert (meta["model"]["head"], meta["train"]["lr"], meta["train"]["epochs"]) == (best["model.head"],
+                                                                                    best["train.lr"], 3)
+
+
+def heard_val_mae(sweep: Path, trial: str) -> list[float]:
+    """A trial's val MAE epoch by epoch, as Tune heard it (its CSV log, at full precision)."""
+    return pd.read_csv(sweep / f"trial-{trial}" / "progress.csv")["val_mae"].tolist()
+
+
+def asha_decisions(histories: dict[str, list[float]]) -> dict[str, str]:
+    """What ASHA (reduction factor 2, minimising) decides for trials run one after another in trial-id order: at
+    each rung a trial stops when its val MAE is worse than the median of those the rung recorded before it."""
+    recorded: dict[int, list[float]] = {rung: [] for rung in ASHA_RUNGS}
+    decisions = {}
+    for trial in sorted(histories):
+        decisions[trial] = COMPLETED
+        for rung in ASHA_RUNGS:
+            mae = histories[trial][rung - 1]
+            stops = bool(recorded[rung]) and mae > np.median(recorded[rung])
+            recorded[rung].append(mae)
+            if stops:
+                decisions[trial] = STOPPED
+                break
+    return decisions
 
 
 def assert_one_tensorboard_run_per_trial(runs: Path, sweep: str, table: pd.DataFrame) -> None:
@@ -82,14 +125,9 @@ def assert_one_tensorboard_run_per_trial(runs: Path, sweep: str, table: pd.DataF
         assert min(val_mae) == as_logged(row.best_val_mae)
 
 
-def cpus_come_back(timeout: float = 60) -> bool:
-    """Whether every CPU of the cluster is free again within ``timeout`` seconds (no Train run left behind)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]:
-            return True
-        time.sleep(1)
-    return False
+def all_cpus_free() -> bool:
+    """Whether every CPU of the cluster is free (no Train run left behind)."""
+    return ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
 
 
 @pytest.mark.slow
@@ -114,18 +152,14 @@ def test_a_crashing_trial_is_marked_failed_and_the_sweep_goes_on(prepared_dir, t
 
 @pytest.mark.slow
 def test_rerunning_an_interrupted_sweep_does_not_rerun_finished_trials(prepared_dir, tmp_path, ray_session):
-    cfg = sweep_config(prepared_dir, tmp_path, "tune.data_cpus=3")  # one trial at a time
-    name = sweep_name(cfg, read_manifest(prepared_dir))
-    command = [sys.executable, "jobs/tune.py", "--config", "configs/tune.yaml", "--set", f"data.out={prepared_dir}",
-               "model.head=[16]", "model.dropout=0", "model.sex_embedding=4", "train.batch_size=8",
-               "train.threads_per_worker=1", "train.shuffle_buffer=16", "train.max_failures=0",
-               f"train.storage_path={tmp_path / 'runs'}", f"registry.root={tmp_path / 'registry'}",
-               f"tune.search_space={SPACE}", "tune.num_samples=4", "tune.max_epochs=3", "tune.grace_period=1",
-               "tune.reduction_factor=2", "tune.data_cpus=3", f"tune.sweep_name={name}"]
+    overrides = sweep_overrides(prepared_dir, tmp_path)
+    # The job derives the sweep's name itself, from the same settings: a rerun finds the sweep by that name.
+    name = sweep_name(load_config(ROOT / "configs" / "tune.yaml", overrides), read_manifest(prepared_dir))
+    command = [sys.executable, "jobs/tune.py", "--config", "configs/tune.yaml", "--set", *overrides]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
     first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     sweep = tmp_path / "runs" / name
-    finished = wait_for_finished_trials(sweep)
+    finished = wait_until(lambda: finished_trials(sweep), f"a finished trial in {sweep}", timeout=600)
     first.send_signal(signal.SIGKILL)  # the driver dies mid-sweep
     first.wait()
     stamps = {t: snapshot_time(tmp_path / "runs", name, t) for t in finished}
@@ -138,21 +172,18 @@ def test_rerunning_an_interrupted_sweep_does_not_rerun_finished_trials(prepared_
     assert len(board) == 4 and set(finished) <= set(board["trial"])
 
 
-def wait_for_finished_trials(sweep: Path, timeout: float = 600) -> list[str]:
-    """Trial ids Tune has recorded as TERMINATED in its experiment state."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for state in sweep.glob("experiment_state-*.json"):
-            try:
-                # each entry is [trial JSON, runtime metadata JSON]
-                trials = [json.loads(t[0]) for t in json.loads(state.read_text())["trial_data"]]
-            except (ValueError, KeyError, TypeError):
-                continue  # being rewritten
-            done = [t["trial_id"] for t in trials if t.get("status") == "TERMINATED"]
-            if done:
-                return done
-        time.sleep(0.5)
-    raise TimeoutError(f"no finished trial in {sweep}")
+def finished_trials(sweep: Path) -> list[str]:
+    """Trial ids Tune has recorded as TERMINATED in its experiment state (none yet: empty)."""
+    for state in sweep.glob("experiment_state-*.json"):
+        try:
+            # each entry is [trial JSON, runtime metadata JSON]
+            trials = [json.loads(t[0]) for t in json.loads(state.read_text())["trial_data"]]
+        except (ValueError, KeyError, TypeError):
+            continue  # being rewritten
+        done = [t["trial_id"] for t in trials if t.get("status") == "TERMINATED"]
+        if done:
+            return done
+    return []
 
 
 def snapshot_time(runs: Path, sweep: str, trial: str) -> int:
@@ -167,6 +198,8 @@ def snapshot_time(runs: Path, sweep: str, trial: str) -> int:
     ("{train.lr: {uniform: [5, 6]}}", ["train.lr", "out of range"]),
     ("{model.pooling: {choice: [avg, mean]}}", ["model.pooling", "'mean' is not a valid choice"]),
     ("{model.head: {choice: []}}", ["non-empty list"]),
+    ("{train.freeze_epochs: {randint: [0.5, 3]}}", ["train.freeze_epochs.randint", "whole numbers"]),
+    ("{train.unfreeze_blocks: {randint: [2, 6]}}", ["train.unfreeze_blocks", "out of range"]),  # the top end counts
 ])
 def test_bad_search_spaces_fail_before_any_trial(tmp_path, space, words):
     cfg = train_config(tmp_path, tmp_path, f"tune.search_space={space}")
@@ -210,3 +243,39 @@ def test_leaderboard_markdown_keeps_trial_ids_and_histories_as_text(tmp_path):
     assert [cell.strip() for cell in first.strip("|").split("|")] == ["09960_00001", "0.0003297", "25.55", "25.6"]
     assert second.startswith("| 3e4_00002 ")
     assert "boom" not in second and pd.read_csv(tmp_path / "leaderboard.csv")["error"].tolist()[1] == "boom"
+
+
+def test_randint_draws_every_whole_number_from_low_to_high(tmp_path):
+    """``randint: [low, high]`` reads inclusive, though Tune's own upper bound is exclusive: sampled on Tune's real
+    sampler, both ends appear and nothing outside them."""
+    cfg = train_config(tmp_path, tmp_path, "tune.search_space={train.unfreeze_blocks: {randint: [3, 5]}}")
+    domain = parse_search_space(cfg.tune.search_space, cfg)["train.unfreeze_blocks"]
+    draws = domain.sample(size=600)  # a missing end by chance: (2/3)^600
+    assert set(draws) == {3, 4, 5}
+
+
+def test_a_trial_config_is_the_sweep_config_with_the_trial_draws(tmp_path):
+    """Tune records each trial's draws with the sweep's config (:func:`trial_space`); the trial trains with what
+    :func:`trial_config` makes of that record and its bundle states the same, so the two cannot differ."""
+    cfg = train_config(tmp_path, tmp_path, *SWEEP, "augment.zoom_range=0.1")
+    space = parse_search_space(cfg.tune.search_space, cfg)
+    for seed in range(5):
+        [(_, resolved)] = generate_variants(trial_space(cfg, space), random_state=np.random.default_rng(seed))
+        [(_, draws_alone)] = generate_variants(space, random_state=np.random.default_rng(seed))
+        assert {k: v for k, v in resolved.items() if k != BASE} == draws_alone  # a seed draws what it drew before
+        trial = trial_config(resolved)
+        assert (trial.model.head, trial.train.lr) == (resolved["model.head"], resolved["train.lr"])
+        assert trial.model.head in ([8], [16]) and 3e-4 <= trial.train.lr <= 3e-3
+        assert trial.train.epochs == cfg.tune.max_epochs == 3  # what ASHA lets the best trials run
+        assert (trial.data, trial.augment, trial.registry, trial.tune) == (cfg.data, cfg.augment, cfg.registry,
+                                                                            cfg.tune)
+
+
+def test_tune_imports_the_ray_modules_it_names():
+    """tune.py once called ``ray.train.Checkpoint`` with only ``import ray``: it worked because boneage.train
+    happened to import ray.train first."""
+    tree = ast.parse(Path(boneage.tune.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    named = {ast.unparse(node.value) for node in ast.walk(tree)
+             if isinstance(node, ast.Attribute) and ast.unparse(node.value).startswith("ray.")}
+    assert named <= imported
