@@ -126,6 +126,7 @@ class BoneAgeNet(nn.Module):
         return groups + [{"name": stage.name, "params": self.stage_parameters(stage.name),
                           "lr": lr * backbone_lr_scale, "weight_decay": weight_decay} for stage in self.stages]
 
+
 def build_model(cfg: ModelConfig, image_size: int) -> BoneAgeNet:
     """A new model with the backbone weights ``cfg.weights`` asks for (``none``: random initialisation)."""
     if image_size % 32:
