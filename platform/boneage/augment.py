@@ -33,6 +33,7 @@ from torch import nn
 from boneage.artifacts import atomic_file
 from boneage.config import AugmentConfig, Config
 from boneage.dataset import batch_tensors, read_manifest, read_split
+from boneage.model import to_unit
 from boneage.precision import describe
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def write_preview(images: torch.Tensor, cfg: AugmentConfig, path: str | Path, se
     augmentation of every image, so the settings can be judged by eye before training."""
     torch.manual_seed(seed)
     augment = build_augmentation(cfg)
-    originals = images.float() / 255.0
+    originals = to_unit(images)
     rows = [originals] + [augment(originals) for _ in range(variants)]
     grid = torchvision.utils.make_grid(torch.cat(rows), nrow=len(images), padding=2, pad_value=1.0)
     with atomic_file(path) as tmp:

@@ -20,12 +20,12 @@ from torch import nn
 
 from boneage.augment import build_augmentation
 from boneage.config import Config
-from boneage.model import NUM_BLOCKS, BoneAgeNet
+from boneage.model import BoneAgeNet, to_unit
 from boneage.precision import autocast_for
 
 
 class TrainStep:
-    """One optimisation step: uint8 -> [0, 1], augment on the device, channels_last, bf16 autocast where the
+    """One optimisation step: augment on the device (in [0, 1], the model's pixel convention), bf16 autocast where the
     hardware computes in bf16 (``train.precision``), L1 on the standardised target, gradient clipping, AdamW,
     warm-up + cosine learning rate; optionally a running average of the weights (``train.ema_epochs``), which is
     then what validation sees and checkpoints keep."""
@@ -58,14 +58,15 @@ class TrainStep:
         tc = self.cfg.train
         trainable = tc.unfreeze_blocks if epoch >= tc.freeze_epochs else 0
         for net in {self.net, self.eval_net}:  # one network when there is no weight average
-            net.freeze_bottom_blocks(NUM_BLOCKS - trainable)
-        self.active[1:] = [1.0 if block >= NUM_BLOCKS - trainable else 0.0 for block in range(NUM_BLOCKS)]
+            net.freeze_bottom_blocks(len(net.stages) - trainable)
+        frozen = self.net.frozen_stages()
+        self.active.update({name: 0.0 if name in frozen else 1.0 for name in self.active})
         self.model.train()
         self.loss_sum.zero_()
         self.seen = 0
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> None:
-        image = self.augment(to_unit(batch["image"])).contiguous(memory_format=torch.channels_last)
+        image = self.augment(to_unit(batch["image"]))  # Kornia computes in floats
         target = (batch["boneage"] - self.mean) / self.std
         with self.autocast:
             prediction = self.model(image, batch["male"])  # (B,) standardised
@@ -102,7 +103,7 @@ class TrainStep:
             layer.momentum = None  # a plain average over the batches
         with torch.no_grad(), self.autocast:
             for batch in self.recent:
-                net(to_unit(batch["image"]).contiguous(memory_format=torch.channels_last), batch["male"])
+                net(batch["image"], batch["male"])
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
         self.recent.clear()
@@ -194,8 +195,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], mean:
     abs_sum, sq_sum, count = (torch.zeros((), device=device) for _ in range(3))
     with torch.no_grad(), autocast_for(device, precision, "predict"):
         for batch in batches:
-            image = to_unit(batch["image"]).contiguous(memory_format=torch.channels_last)
-            error = model(image, batch["male"]).float() * std + mean - batch["boneage"]
+            error = model(batch["image"], batch["male"]).float() * std + mean - batch["boneage"]
             abs_sum += error.abs().sum()
             sq_sum += error.square().sum()
             count += len(error)
@@ -203,16 +203,14 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], mean:
 
 
 def make_optimizer(model: BoneAgeNet, cfg: Config, steps_per_epoch: int):
-    """AdamW over the head and the five conv blocks, with warm-up + cosine decay to zero.
+    """AdamW over the model's named parameter groups (the head and each stage), with warm-up + cosine decay to zero.
 
-    Returns the optimizer, its scheduler and ``active``: per-group learning-rate factors (head first, then blocks
-    bottom to top) set to 0 for frozen blocks, so they do not move even under weight decay.
+    Returns the optimizer, its scheduler and ``active``: learning-rate factors by group name, set to 0 for frozen
+    stages, so they do not move even under weight decay.
     """
     tc = cfg.train
-    groups = [{"params": model.head_parameters(), "lr": tc.lr}]
-    groups += [{"params": list(block.parameters()), "lr": tc.lr * tc.backbone_lr_scale}
-               for block in model.block_layers()]
-    optimizer = torch.optim.AdamW(groups, weight_decay=tc.weight_decay)
+    groups = model.parameter_groups(tc.lr, tc.backbone_lr_scale, tc.weight_decay)
+    optimizer = torch.optim.AdamW(groups)
     warmup = tc.warmup_epochs * steps_per_epoch
     total = tc.epochs * steps_per_epoch
 
@@ -221,8 +219,8 @@ def make_optimizer(model: BoneAgeNet, cfg: Config, steps_per_epoch: int):
             return (step + 1) / warmup
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(total - warmup, 1))))
 
-    active = [1.0] * (NUM_BLOCKS + 1)
-    lambdas = [lambda step, i=i: schedule(step) * active[i] for i in range(NUM_BLOCKS + 1)]
+    active = {group["name"]: 1.0 for group in groups}
+    lambdas = [lambda step, name=group["name"]: schedule(step) * active[name] for group in groups]
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas), active
 
 
@@ -230,8 +228,3 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (for timing; never inside the step loop)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def to_unit(image: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float in [0, 1]."""
-    return image.float().div_(255.0)

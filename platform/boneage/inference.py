@@ -25,7 +25,7 @@ from torch import nn
 from boneage.bundle import LoadedBundle, load_bundle, resolve
 from boneage.config import ServeConfig
 from boneage.imaging import decode_grayscale, fit_to_square, is_dicom
-from boneage.model import NUM_BLOCKS, BoneAgeNet
+from boneage.model import BoneAgeNet
 from boneage.precision import autocast_for, describe, resolve_precision
 
 
@@ -88,11 +88,11 @@ class BoneAgePredictor:
         self.computes_in = describe(torch.device("cpu"), precision, "predict")  # for logs and /v1/model
         # Grad-CAM needs gradients only above its target layer, in the top block: the four blocks below run
         # without building a graph, so an explanation costs about one forward pass, not forward plus backward.
-        explain_net.freeze_bottom_blocks(NUM_BLOCKS - 1)
+        explain_net.freeze_bottom_blocks(len(explain_net.stages) - 1)
         self._explainer = _SexConditioned(explain_net)
-        # The last ReLU of the backbone: the finest map that still sees the whole hand (S/16 per side).
-        last_relu = [layer for layer in explain_net.features if isinstance(layer, nn.ReLU)][-1]
-        self._cam = GradCAM(model=self._explainer, target_layers=[last_relu])
+        # The top block's last activation: the finest map that still sees the whole hand (S/16 per side).
+        target_layer = explain_net.get_submodule(explain_net.stages[-1].activation)
+        self._cam = GradCAM(model=self._explainer, target_layers=[target_layer])
         self._cam_lock = threading.Lock()
 
     @classmethod
@@ -112,16 +112,15 @@ class BoneAgePredictor:
     @torch.inference_mode()
     def predict(self, canvases: np.ndarray, male: np.ndarray) -> np.ndarray:
         """``canvases`` (B, S, S) uint8 and ``male`` (B,) bool -> bone ages (B,) in months."""
-        images = torch.from_numpy(canvases).unsqueeze(1).float().div_(255.0)  # (B, 1, S, S) in [0, 1]
+        images = torch.from_numpy(canvases).unsqueeze(1)  # (B, 1, S, S) uint8: the model scales it
         with self._autocast:
-            standardised = self.model(images.contiguous(memory_format=torch.channels_last),
-                                      torch.from_numpy(male.astype(np.float32)))  # (B,)
+            standardised = self.model(images, torch.from_numpy(male.astype(np.float32)))  # (B,)
         return self.bundle.to_months(standardised.float()).numpy().astype(np.float64)
 
     def explain(self, radiograph: Radiograph, male: bool) -> Explanation:
         """The bone age (exactly what :meth:`predict` answers) and its Grad-CAM heat map, blended over the display
         canvas as a PNG."""
-        image = torch.from_numpy(radiograph.canvas)[None, None].float() / 255.0  # (1, 1, S, S)
+        image = torch.from_numpy(radiograph.canvas)[None, None]  # (1, 1, S, S) uint8: the model scales it
         with self._cam_lock:  # one explanation at a time: the hooks and the sex input are per call
             self._explainer.male = torch.tensor([float(male)])
             heatmap = self._cam(input_tensor=image, targets=[BoneAgeTarget()])[0]  # (S, S) in [0, 1]

@@ -2,7 +2,7 @@
 
 Shapes for a batch of B grayscale images of side S (S divisible by 32):
 
-    image (B, 1, S, S) float in [0, 1] -> features (B, 512, S/32, S/32) -> pooled (B, F)
+    image (B, 1, S, S) uint8 -> [0, 1] -> features (B, 512, S/32, S/32) -> pooled (B, F)
     male  (B,) float 0/1               -> sex embedding (B, E)
     concat (B, F + E) -> head -> (B,) standardised bone age (multiply by the training SD, add the mean)
 
@@ -10,10 +10,23 @@ F is 512 for ``avg``/``max`` pooling and 512 * (S/32)^2 for ``flatten`` (the ori
 The grayscale image is replicated to three channels and normalised with ImageNet's statistics inside the model, so
 pretrained weights see exactly what they were trained on. (Folding the three channels into the first convolution's
 weights would save 0.5% of the FLOPs but is not exact: zero padding then means a different value at the border.)
+
+One pixel convention, here only (:func:`to_unit`): the model takes the stored uint8 image and scales it to [0, 1]
+itself, so training, validation, serving and Grad-CAM cannot drift apart. A float image is taken as already in
+[0, 1]: that is what an augmented training batch is (Kornia computes in floats). The memory format is the weights':
+training and serving put them in channels_last, and the convolutions then compute channels_last whatever the
+image's layout (a one-channel image has no other: ``contiguous(memory_format=torch.channels_last)`` returns it as
+it is).
+
+The backbone's five conv blocks are named stages, ``block1`` (bottom) to ``block5`` (top), each described like
+timm's ``feature_info`` (:class:`Stage`: its modules by name, channels, reduction). Freezing, the optimizer's
+parameter groups and the Grad-CAM target layer ask for them by name; the parameter names stay torchvision's
+(``features.0.weight``, ...), so pretrained weights and every bundle load as they are.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +43,22 @@ NUM_BLOCKS = 5  # VGG16's conv blocks, each ending in a max-pool
 
 class WeightsNotFound(JobError, FileNotFoundError):
     """Pretrained weights were asked for but are not on this machine."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One conv block of the backbone, as timm's ``feature_info`` describes a stage."""
+
+    name: str  # block1 (bottom) .. block5 (top)
+    modules: tuple[str, ...]  # its layers' names in the model, in order, the max-pool last
+    activation: str  # the name of its last activation, the pool's input: the finest map the block computes
+    channels: int  # channels of its output
+    reduction: int  # the input's side over its output's side: 2, 4, 8, 16, 32
+
+
+def to_unit(image: torch.Tensor) -> torch.Tensor:
+    """The pixel convention: a stored uint8 image -> float in [0, 1]; a float image is taken as already in [0, 1]."""
+    return image.float().div_(255.0) if image.dtype == torch.uint8 else image
 
 
 class BoneAgeNet(nn.Module):
@@ -51,10 +80,12 @@ class BoneAgeNet(nn.Module):
             width = hidden
         layers.append(nn.Linear(width, 1))
         self.head = nn.Sequential(*layers)
-        self.frozen_layers = 0  # the first layers of self.features, run without gradients
+        self.stages = vgg_stages(self.features)
+        self.frozen_blocks = 0  # the bottom stages, run without gradients
 
     def forward(self, image: torch.Tensor, male: torch.Tensor) -> torch.Tensor:
-        x = (image.expand(-1, 3, -1, -1) - self.rgb_mean) / self.rgb_std  # (B, 3, S, S), as ImageNet models expect
+        """``image`` (B, 1, S, S) uint8 as stored, or float in [0, 1]; ``male`` (B,) 0/1 -> (B,) standardised age."""
+        x = (to_unit(image).expand(-1, 3, -1, -1) - self.rgb_mean) / self.rgb_std  # (B, 3, S, S), ImageNet's way
         frozen, trainable = self.features[:self.frozen_layers], self.features[self.frozen_layers:]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_layers):
             x = frozen(x)  # no activations kept for backward: frozen blocks cost only their forward
@@ -62,19 +93,19 @@ class BoneAgeNet(nn.Module):
         sex = self.sex(male.to(features.dtype).unsqueeze(1))  # (B, E)
         return self.head(torch.cat([features, sex], dim=1)).squeeze(1)  # (B,)
 
-    def block_layers(self) -> list[nn.Sequential]:
-        """The backbone's five conv blocks, bottom (0) to top (4), each ending with its max-pool."""
-        blocks: list[list[nn.Module]] = [[]]
-        for layer in self.features:
-            blocks[-1].append(layer)
-            if isinstance(layer, nn.MaxPool2d) and len(blocks) < NUM_BLOCKS:
-                blocks.append([])
-        return [nn.Sequential(*b) for b in blocks]
+    @property
+    def frozen_layers(self) -> int:
+        """How many of the first layers of ``features`` the frozen stages hold."""
+        return sum(len(stage.modules) for stage in self.stages[:self.frozen_blocks])
 
     def freeze_bottom_blocks(self, count: int) -> None:
-        """Freeze the bottom ``count`` conv blocks: no gradients, batch-norm statistics fixed."""
-        self.frozen_layers = sum(len(block) for block in self.block_layers()[:count])
+        """Freeze the bottom ``count`` stages: no gradients, batch-norm statistics fixed."""
+        self.frozen_blocks = count
         self.train(self.training)
+
+    def frozen_stages(self) -> set[str]:
+        """The names of the frozen stages."""
+        return {stage.name for stage in self.stages[:self.frozen_blocks]}
 
     def train(self, mode: bool = True) -> BoneAgeNet:
         super().train(mode)
@@ -82,8 +113,18 @@ class BoneAgeNet(nn.Module):
             layer.eval()  # frozen batch-norm layers keep their statistics
         return self
 
-    def head_parameters(self) -> list[nn.Parameter]:
-        return list(self.sex.parameters()) + list(self.head.parameters())
+    def stage_parameters(self, name: str) -> list[nn.Parameter]:
+        """The parameters of the stage called ``name``."""
+        stage = next(stage for stage in self.stages if stage.name == name)
+        return [p for module in stage.modules for p in self.get_submodule(module).parameters()]
+
+    def parameter_groups(self, lr: float, backbone_lr_scale: float, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups, each named: ``head`` (the sex embedding and the regression head) at ``lr``,
+        then each stage, bottom to top, at ``lr * backbone_lr_scale``; all with ``weight_decay``."""
+        head = [*self.sex.parameters(), *self.head.parameters()]
+        groups = [{"name": "head", "params": head, "lr": lr, "weight_decay": weight_decay}]
+        return groups + [{"name": stage.name, "params": self.stage_parameters(stage.name),
+                          "lr": lr * backbone_lr_scale, "weight_decay": weight_decay} for stage in self.stages]
 
 
 def build_model(cfg: ModelConfig, image_size: int) -> BoneAgeNet:
@@ -94,6 +135,22 @@ def build_model(cfg: ModelConfig, image_size: int) -> BoneAgeNet:
     if cfg.weights != "none":
         load_backbone_weights(model, cfg.arch, cfg.weights)
     return model
+
+
+def vgg_stages(features: nn.Sequential) -> tuple[Stage, ...]:
+    """The named stages of a torchvision VGG ``features``: each max-pool closes a block."""
+    stages: list[Stage] = []
+    modules: list[str] = []
+    channels = 0
+    for index, layer in enumerate(features):
+        modules.append(f"features.{index}")
+        channels = layer.out_channels if isinstance(layer, nn.Conv2d) else channels
+        if isinstance(layer, nn.MaxPool2d):
+            stages.append(Stage(f"block{len(stages) + 1}", tuple(modules), activation=modules[-2],
+                                channels=channels, reduction=2 ** (len(stages) + 1)))
+            modules = []
+    assert len(stages) == NUM_BLOCKS and not modules, f"not a VGG backbone: {len(stages)} blocks"
+    return tuple(stages)
 
 
 def load_backbone_weights(model: BoneAgeNet, arch: str, weights: str) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from boneage.config import load_config
-from boneage.engine import EpochProgress, TrainStep, WeightAverage, to_unit
+from boneage.engine import EpochProgress, TrainStep, WeightAverage
 from boneage.model import build_model
 
 SIZE = 32
@@ -32,8 +32,8 @@ def batch(seed: int, size: int = 32) -> dict[str, torch.Tensor]:
 def eval_and_train_mode_outputs(net, images):
     """The eval-mode output, and the train-mode output (batch statistics) of a copy, for the same images."""
     with torch.no_grad():
-        training = copy.deepcopy(net).train()(to_unit(images["image"]), images["male"])
-        return net.eval()(to_unit(images["image"]), images["male"]), training
+        training = copy.deepcopy(net).train()(images["image"], images["male"])
+        return net.eval()(images["image"], images["male"]), training
 
 
 @pytest.mark.parametrize("ema", ["train.ema_epochs=0", "train.ema_epochs=0.5"])

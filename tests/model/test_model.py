@@ -1,10 +1,15 @@
-"""The VGG16 regressor: shapes, the sex input, pretrained weights, freezing."""
+"""The VGG16 regressor: shapes, the pixel convention, the sex input, pretrained weights, named stages, freezing,
+parameter groups, and state dicts saved before the stages were named."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
 from boneage.config import load_config
+from boneage.bundle import weights_mismatch
 from boneage.model import NUM_BLOCKS, WeightsNotFound, build_model, imagenet_weights_path
 
 
@@ -91,18 +96,71 @@ def test_a_file_that_is_not_a_vgg_state_dict_is_refused(tmp_path):
         build_model(model_config(f"model.weights={path}"), 64)
 
 
+def stage_modules(model, stage):
+    return [model.get_submodule(name) for name in stage.modules]
+
+
 def test_frozen_blocks_get_no_gradients_and_keep_batchnorm_statistics():
     model = build_model(model_config("model.arch=vgg16_bn"), 64)
     model.freeze_bottom_blocks(3)
     model.train()
-    blocks = model.block_layers()
-    assert len(blocks) == NUM_BLOCKS
-    before = blocks[0][1].running_mean.clone()
+    assert len(model.stages) == NUM_BLOCKS and model.frozen_stages() == {"block1", "block2", "block3"}
+    first_bn = stage_modules(model, model.stages[0])[1]
+    before = first_bn.running_mean.clone()
     model(torch.rand(2, 1, 64, 64), torch.ones(2)).sum().backward()
-    assert all(p.grad is None for b in blocks[:3] for p in b.parameters())
-    assert all(p.grad is not None for b in blocks[3:] for p in b.parameters())
-    assert torch.equal(blocks[0][1].running_mean, before)  # frozen batch norm kept its statistics
+    assert all(p.grad is None for s in ("block1", "block2", "block3") for p in model.stage_parameters(s))
+    assert all(p.grad is not None for s in ("block4", "block5") for p in model.stage_parameters(s))
+    assert torch.equal(first_bn.running_mean, before)  # frozen batch norm kept its statistics
     model.freeze_bottom_blocks(0)
     model.train()
     model(torch.rand(2, 1, 64, 64), torch.ones(2)).sum().backward()
-    assert all(p.grad is not None for p in blocks[0].parameters())
+    assert all(p.grad is not None for p in model.stage_parameters("block1"))
+
+
+def test_uint8_images_are_scaled_by_the_model_and_floats_taken_as_unit():
+    model = build_model(model_config(), 64).eval()
+    stored = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
+    male = torch.tensor([0.0, 1.0])
+    with torch.no_grad():
+        assert torch.equal(model(stored, male), model(stored.float() / 255.0, male))
+        assert not torch.allclose(model(stored, male), model(stored.float(), male))
+
+
+@pytest.mark.parametrize("arch", ["vgg16", "vgg16_bn"])
+def test_stages_are_named_with_their_channels_reduction_and_activation(arch):
+    model = build_model(model_config(f"model.arch={arch}"), 64).eval()
+    assert [s.name for s in model.stages] == ["block1", "block2", "block3", "block4", "block5"]
+    assert [(s.channels, s.reduction) for s in model.stages] == [(64, 2), (128, 4), (256, 8), (512, 16), (512, 32)]
+    names = [name for stage in model.stages for name in stage.modules]
+    assert names == [f"features.{i}" for i in range(len(model.features))]  # every layer, in order, once
+    seen = {}
+    for stage in model.stages:
+        pool, activation = model.get_submodule(stage.modules[-1]), model.get_submodule(stage.activation)
+        assert isinstance(pool, torch.nn.MaxPool2d) and isinstance(activation, torch.nn.ReLU)
+        pool.register_forward_hook(lambda m, i, out, name=stage.name: seen.__setitem__(name, out.shape))
+    model(torch.rand(1, 1, 64, 64), torch.ones(1))
+    assert [seen[s.name] for s in model.stages] == [(1, s.channels, 64 // s.reduction, 64 // s.reduction)
+                                                    for s in model.stages]
+
+
+def test_parameter_groups_cover_every_parameter_once_with_their_rates():
+    model = build_model(model_config("model.arch=vgg16_bn"), 64)
+    groups = model.parameter_groups(lr=1e-3, backbone_lr_scale=0.1, weight_decay=0.05)
+    assert [g["name"] for g in groups] == ["head", "block1", "block2", "block3", "block4", "block5"]
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3] + [1e-4] * 5)
+    assert all(g["weight_decay"] == 0.05 for g in groups)
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each exactly once
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for m in (model.sex, model.head) for p in m.parameters()}
+
+
+@pytest.mark.parametrize("arch", ["vgg16", "vgg16_bn"])
+def test_state_dicts_saved_before_the_stages_were_named_still_load_strictly(arch):
+    """Bundles hold state dicts: the keys and shapes the model had before its stages were named (recorded from
+    that code) must load into today's model as they are."""
+    saved = json.loads((Path(__file__).parent / "data" / "state_dict_keys_before_stages.json").read_text())[arch]
+    state = {key: torch.randn(shape) if shape else torch.tensor(7) for key, shape in saved.items()}
+    model = build_model(model_config(f"model.arch={arch}", "model.head=[16]", "model.sex_embedding=4"), 64)
+    assert weights_mismatch(model.state_dict(), state) == ""
+    model.load_state_dict(state, strict=True)
+    assert torch.equal(model.stage_parameters("block1")[0], state["features.0.weight"])

@@ -10,6 +10,8 @@ import torch
 from pytorch_grad_cam import GradCAM
 
 from boneage.bundle import load_bundle
+from boneage.config import load_config
+from boneage.engine import TrainStep, evaluate
 from boneage.inference import BoneAgePredictor, BoneAgeTarget, _SexConditioned
 from helpers import make_bundle
 
@@ -61,3 +63,44 @@ def test_bf16_answers_stay_within_a_month_of_fp32_and_do_not_depend_on_the_batch
     assert np.abs(bf16 - fp32).max() < 1.0 and not np.array_equal(bf16, fp32)  # bf16 really ran
     singles = [bf16_predictor.predict(c[None], m[None])[0] for c, m in zip(canvases, male)]
     assert bf16 == pytest.approx(singles, abs=1e-4)
+
+
+NO_AUGMENTATION = ["augment.rotation_range=0", "augment.width_shift_range=0", "augment.height_shift_range=0",
+                   "augment.zoom_range=0", "augment.horizontal_flip=false", "augment.brightness_range=[1, 1]"]
+
+
+def record_network_inputs(net, seen: list):
+    """Append to ``seen`` every tensor that enters ``net``'s first layer (block1's first convolution)."""
+    first = net.get_submodule(net.stages[0].modules[0])
+    return first.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+
+
+def test_training_validation_and_serving_feed_the_network_the_same_input(predictor, radiographs):
+    """The stored uint8 canvas reaches the network identically in a training step (augmentation off), batch-norm
+    recalibration, validation, prediction and Grad-CAM: one pixel convention, in the model."""
+    canvases = np.stack([r.canvas for r in radiographs])  # (B, S, S) uint8, as stored in training data
+    batch = {"image": torch.from_numpy(canvases).unsqueeze(1), "boneage": torch.tensor([60.0, 90.0, 120.0, 150.0]),
+             "male": torch.tensor([1.0, 0.0, 1.0, 0.0])}
+    cfg = load_config(overrides=[*NO_AUGMENTATION, "train.precision=fp32", "train.bn_recalibration_batches=1"])
+    net = copy.deepcopy(predictor.bundle.model)
+    step = TrainStep(net, net, cfg, steps_per_epoch=1, target_mean=120.0, target_std=40.0,
+                     device=torch.device("cpu"))
+    step.start_epoch(0)
+    training, serving = [], []
+    handles = [record_network_inputs(net, training), record_network_inputs(predictor.model, serving),
+               record_network_inputs(predictor._explainer.net, serving)]
+    try:
+        step(batch)
+        step.recalibrate_batchnorm()
+        evaluate(net, [batch], 120.0, 40.0, torch.device("cpu"), "fp32")
+        predictor.predict(canvases, np.array([True, False, True, False]))
+        explained = [predictor.explain(r, male=True) for r in radiographs[:2]]
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(training) == 3 and len(serving) == 1 + 2 * 2  # explain: Grad-CAM's pass, then predict's
+    for seen in training + serving[:1]:
+        assert seen.dtype == torch.float32 and torch.equal(seen, training[0])
+    for i, _ in enumerate(explained):
+        assert torch.equal(serving[1 + 2 * i], training[0][i:i + 1])
+    assert -2.2 < training[0].min() < training[0].max() < 2.7  # ImageNet-normalised [0, 1], not 0..255
