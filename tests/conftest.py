@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from boneage.config import load_config
-from helpers import FULLSIZE, THUMBS, free_port, processes_mentioning, require
+from helpers import FULLSIZE, THUMBS, free_port, phantom_config, processes_mentioning, require
 
 @pytest.fixture(scope="session")
 def session_temp() -> Path:
@@ -79,9 +78,7 @@ def phantom_dir(tmp_path_factory) -> Path:
     """60 phantoms at 64 px, drawn once per session."""
     from boneage.phantoms.generate import generate_phantoms
 
-    out = tmp_path_factory.mktemp("phantoms") / "set"
-    cfg = load_config(overrides=[f"phantoms.out={out}", "phantoms.n=60", "phantoms.size=64", "phantoms.workers=1"])
-    return generate_phantoms(cfg)
+    return generate_phantoms(phantom_config(tmp_path_factory.mktemp("phantoms") / "set", "phantoms.workers=1"))
 
 
 @pytest.fixture(scope="session")

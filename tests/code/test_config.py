@@ -1,5 +1,7 @@
 """The config system: YAML + --set overrides, typed, validated before any work starts."""
 
+import dataclasses
+import runpy
 import subprocess
 import sys
 
@@ -90,3 +92,22 @@ def test_job_rejects_bad_settings_before_doing_any_work(tmp_path):
     assert out.returncode == 2
     assert "data.image_size=-3 is out of range" in out.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("job, areas", [
+    ("make_phantoms", ["phantoms"]), ("prepare", ["data"]), ("preview_augment", ["data", "augment"]),
+    ("train", ["data", "model", "augment", "train", "registry"]),
+    ("tune", ["data", "model", "augment", "train", "tune", "registry"]), ("query", ["query"])])
+def test_job_help_lists_every_setting_of_its_areas(job, areas, capsys):
+    """``--help`` lists each key of the areas the job reads, with its documentation, one line each."""
+    main = runpy.run_path(str(ROOT / "jobs" / f"{job}.py"), run_name="imported")["main"]
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    listed = {line.strip().split(" (", 1)[0]: line for line in lines if line.startswith("  ") and " (" in line}
+    for area in areas:
+        for field in dataclasses.fields(type(getattr(Config(), area))):
+            key = f"{area}.{field.name}"
+            assert key in listed, f"{job} --help does not list {key}"
+            assert listed[key].rstrip().endswith(field.metadata.get("doc", "")), listed[key]

@@ -13,7 +13,7 @@ from boneage.phantoms import maturity as mat
 from boneage.phantoms.anatomy import DIGITS, build_hand
 from boneage.phantoms.generate import generate_phantoms, make_phantom, sample_subject
 from boneage.rsna import read_labels
-from helpers import ROOT
+from helpers import ROOT, phantom_config
 
 
 def test_labels_follow_the_rsna_distribution_with_known_rater_noise():
@@ -97,7 +97,15 @@ def test_generated_set_is_in_the_kaggle_layout_and_independent_of_worker_count(t
     loaded = read_labels(serial / "boneage-training-dataset.csv", serial)
     assert loaded.format.name == "kaggle-train" and loaded.rejects.empty and len(loaded.table) == 12
     summary = json.loads((serial / "phantoms.json").read_text())
-    assert summary["settings"]["seed"] == 0 and summary["best_possible_mae_months"] > 0
+    assert summary["settings"]["seed"] == 0
+    # The best possible MAE is the mean rater error |label - true age| of these 12: the noise model's
+    # sd * sqrt(2/pi) = 4.8 months for sd 6, give or take 4 standard errors of a mean of 12 half-normal draws
+    # (sd * sqrt(1 - 2/pi) / sqrt(12) = 1.0 month each).
+    truth = pd.read_csv(serial / "truth.csv")
+    best = summary["best_possible_mae_months"]
+    assert best == pytest.approx((truth["boneage"] - truth["maturity_months"]).abs().mean(), abs=0.01)
+    sd = summary["settings"]["label_noise_sd"]
+    assert best == pytest.approx(sd * np.sqrt(2 / np.pi), abs=4 * sd * np.sqrt(1 - 2 / np.pi) / np.sqrt(12))
 
 
 def test_make_phantoms_command_line_and_reuse(tmp_path):
@@ -117,8 +125,7 @@ def test_dicom_copies_carry_sex_and_age_and_read_back_as_the_png(phantom_dir, tm
 
     from boneage.imaging import load_radiograph
 
-    cfg = load_config(overrides=[f"phantoms.out={phantom_dir}", "phantoms.n=60", "phantoms.size=64",
-                                 "phantoms.dicom_examples=2", f"phantoms.dicom_out={tmp_path / 'dicom'}"])
+    cfg = phantom_config(phantom_dir, "phantoms.dicom_examples=2", f"phantoms.dicom_out={tmp_path / 'dicom'}")
     generate_phantoms(cfg)  # the set is up to date: only the DICOM copies are written
     labels = pd.read_csv(phantom_dir / "boneage-training-dataset.csv", dtype={"id": str}).set_index("id")
     examples = sorted((tmp_path / "dicom").glob("*.dcm"))
