@@ -96,16 +96,18 @@ def test_generated_set_is_in_the_kaggle_layout_and_independent_of_worker_count(t
     assert pngs[0].parent == serial / "boneage-training-dataset" / "boneage-training-dataset"
     loaded = read_labels(serial / "boneage-training-dataset.csv", serial)
     assert loaded.format.name == "kaggle-train" and loaded.rejects.empty and len(loaded.table) == 12
-    summary = json.loads((serial / "phantoms.json").read_text())
-    assert summary["settings"]["seed"] == 0
-    # The best possible MAE is the mean rater error |label - true age| of these 12: the noise model's
-    # sd * sqrt(2/pi) = 4.8 months for sd 6, give or take 4 standard errors of a mean of 12 half-normal draws
-    # (sd * sqrt(1 - 2/pi) / sqrt(12) = 1.0 month each).
-    truth = pd.read_csv(serial / "truth.csv")
-    best = summary["best_possible_mae_months"]
-    assert best == pytest.approx((truth["boneage"] - truth["maturity_months"]).abs().mean(), abs=0.01)
-    sd = summary["settings"]["label_noise_sd"]
-    assert best == pytest.approx(sd * np.sqrt(2 / np.pi), abs=4 * sd * np.sqrt(1 - 2 / np.pi) / np.sqrt(12))
+    assert json.loads((serial / "phantoms.json").read_text())["settings"]["seed"] == 0
+
+
+def test_the_best_possible_mae_is_the_rater_noise(phantom_dir):
+    """The summary's best possible MAE is the mean rater error |label - true age| of the set's 60 phantoms: the
+    noise model's sd * sqrt(2/pi) = 4.8 months for sd 6, give or take 4 standard errors of a mean of 60
+    half-normal draws (sd * sqrt(1 - 2/pi) / sqrt(60) = 0.47 month each)."""
+    summary = json.loads((phantom_dir / "phantoms.json").read_text())
+    truth = pd.read_csv(phantom_dir / "truth.csv")
+    best, sd, n = summary["best_possible_mae_months"], summary["settings"]["label_noise_sd"], len(truth)
+    assert n == 60 and best == pytest.approx((truth["boneage"] - truth["maturity_months"]).abs().mean(), abs=0.01)
+    assert best == pytest.approx(sd * np.sqrt(2 / np.pi), abs=4 * sd * np.sqrt(1 - 2 / np.pi) / np.sqrt(n))
 
 
 def test_make_phantoms_command_line_and_reuse(tmp_path):
