@@ -3,16 +3,15 @@ that the tests left no process behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from boneage.config import load_config
-from helpers import FULLSIZE, THUMBS, free_port, processes_mentioning, require
+from helpers import FULLSIZE, THUMBS, free_port, phantom_config, processes_mentioning, require, wait_until
 
 @pytest.fixture(scope="session")
 def session_temp() -> Path:
@@ -51,9 +50,9 @@ def ray_session(session_temp):
 def no_process_left_behind():
     """After the last test: nothing the session started may still run (its Ray clusters, servers, jobs)."""
     yield
-    deadline = time.monotonic() + 30  # Ray's processes take a few seconds to exit after shutdown
-    while (left := leftover_processes()) and time.monotonic() < deadline:
-        time.sleep(1)
+    with contextlib.suppress(TimeoutError):  # Ray's processes take a few seconds to exit after shutdown
+        wait_until(lambda: not leftover_processes(), "the session's processes to exit", timeout=30, interval=1)
+    left = leftover_processes()
     shutil.rmtree(SESSION_TEMP, ignore_errors=True)
     assert not left, f"the tests left processes running: {left}"
 
@@ -79,9 +78,7 @@ def phantom_dir(tmp_path_factory) -> Path:
     """60 phantoms at 64 px, drawn once per session."""
     from boneage.phantoms.generate import generate_phantoms
 
-    out = tmp_path_factory.mktemp("phantoms") / "set"
-    cfg = load_config(overrides=[f"phantoms.out={out}", "phantoms.n=60", "phantoms.size=64", "phantoms.workers=1"])
-    return generate_phantoms(cfg)
+    return generate_phantoms(phantom_config(tmp_path_factory.mktemp("phantoms") / "set", "phantoms.workers=1"))
 
 
 @pytest.fixture(scope="session")

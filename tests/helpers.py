@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -39,10 +41,11 @@ def wait_until(ready, what: str, timeout: float = 300, interval: float = 0.2):
         time.sleep(interval)
 
 
-def processes_mentioning(marker: str) -> list[str]:
-    """``pid: command line`` of every running process whose command line or environment contains ``marker`` (a
-    temp dir). The environment catches processes whose command line names no temp dir, such as Ray's client
-    server: they inherit the test session's marker (conftest)."""
+def process_table(marker: str) -> list[tuple[int, str]]:
+    """``(pid, command line)`` of every running process but this one whose command line or environment contains
+    ``marker`` (a temp dir), oldest pid first. The environment catches processes whose command line names no temp
+    dir, such as Ray's client server and Ray Train's workers: they inherit the test session's marker (conftest).
+    The suite's one reader of /proc."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
@@ -53,9 +56,34 @@ def processes_mentioning(marker: str) -> list[str]:
         except OSError:
             continue  # exited meanwhile, or not ours to read
         if marker.encode() in cmdline or marker.encode() in environ:
-            command = cmdline.replace(b"\0", b" ").decode(errors="replace")
-            found.append(f"{entry.name}: {command[:200]}")
-    return found
+            found.append((int(entry.name), cmdline.replace(b"\0", b" ").decode(errors="replace").strip()))
+    return sorted(found)
+
+
+def processes_mentioning(marker: str) -> list[str]:
+    """``pid: command line`` of each process :func:`process_table` finds, for messages."""
+    return [f"{pid}: {command[:200]}" for pid, command in process_table(marker)]
+
+
+def stop_processes(pids: Iterable[int], timeout: float = 15) -> None:
+    """SIGTERM exactly these processes, then SIGKILL those still alive after ``timeout`` seconds."""
+    pids = set(pids)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                continue  # already gone
+        try:
+            wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), "processes to exit", timeout)
+            return
+        except TimeoutError:
+            continue
+
+
+def session_env(ray_session) -> dict[str, str]:
+    """The environment for a subprocess (a job, a CLI) that joins the session's Ray cluster."""
+    return {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
 
 
 def ray_cli(env: dict, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -69,6 +97,12 @@ def require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"real RSNA samples not found at {path} (they sit beside the project in CI)")
     return path
+
+
+def phantom_config(out, *extra: str) -> Config:
+    """The session's phantom set (conftest ``phantom_dir``): 60 phantoms at 64 px in ``out``. One place for its
+    settings: a test that asks for the same set with other settings would redraw it under every other test."""
+    return load_config(overrides=[f"phantoms.out={out}", "phantoms.n=60", "phantoms.size=64", *extra])
 
 
 def data_config(labels, images, out, *extra: str) -> Config:

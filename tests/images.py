@@ -57,8 +57,12 @@ def write_jpeg(path: Path) -> Path:
 
 
 def write_dicom(path: Path, photometric: str = "MONOCHROME2", slope: float = 1.0, intercept: float = 0.0,
-                rows: int | None = None, columns: int | None = None) -> Path:
-    """An uncompressed 12-bit DICOM radiograph; ``rows``/``columns`` can claim a size the data doesn't have."""
+                rows: int | None = None, columns: int | None = None, window: tuple[float, float] | None = None,
+                voi_lut: np.ndarray | None = None) -> Path:
+    """An uncompressed 12-bit DICOM radiograph of :func:`gradient` (0..4095); ``rows``/``columns`` can claim a size
+    the data doesn't have. ``window`` is (centre, width) in rescaled units; ``voi_lut`` maps every stored value
+    0..4095 to an output value (a VOI LUT Sequence item)."""
+    from pydicom.dataset import Dataset
     from pydicom.uid import SecondaryCaptureImageStorage
 
     from boneage.phantoms.dicom import new_dicom
@@ -68,6 +72,13 @@ def write_dicom(path: Path, photometric: str = "MONOCHROME2", slope: float = 1.0
     ds.set_pixel_data(gradient(high=4095).astype(np.uint16), photometric_interpretation=photometric,
                       bits_stored=12)
     ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    if voi_lut is not None:
+        item = Dataset()
+        item.LUTDescriptor = [len(voi_lut), 0, 16]  # entries, first stored value mapped, bits per entry
+        item.LUTData = np.asarray(voi_lut, dtype="<u2").tobytes()  # OW: 16-bit little-endian words
+        ds.VOILUTSequence = [item]
     if rows:
         ds.Rows, ds.Columns = rows, columns
     ds.save_as(path, enforce_file_format=True)

@@ -2,13 +2,14 @@
 resources, and the training job submitted with `ray job submit --working-dir .` exactly as the README says."""
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from boneage.cluster import stop_head
-from helpers import free_port, ray_cli
+from helpers import free_port, process_table, ray_cli, stop_processes
 
 pytestmark = pytest.mark.slow
 
@@ -22,23 +23,31 @@ def node_ports() -> list[str]:
 
 @pytest.fixture
 def two_node_cluster(session_temp):
-    """Start a head (2 CPUs) and a worker node (2 CPUs) from the project's venv; yield (env, dashboard URL)."""
+    """Start a head (2 CPUs) and a worker node (2 CPUs) from the project's venv; yield (env, dashboard URL).
+
+    Every process the two ``ray start`` commands leave running (raylets, GCS, dashboard, Ray client server,
+    workers) inherits the cluster's own temp dir in its environment (``BONEAGE_TEST_CLUSTER``): clean-up stops
+    exactly those, even when the head failed to start, and removes the temp dir."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="2n-", dir=session_temp))  # short: Ray's socket paths are limited
     venv_bin = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "BONEAGE_TEST_CLUSTER": str(temp_dir)}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = free_port(), free_port()
-    temp_dir = session_temp / "two-node"
-    head = ray_cli(env, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
-                   f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
-                   f"--temp-dir={temp_dir}", "--disable-usage-stats", *node_ports())
-    assert head.returncode == 0, head.stdout + head.stderr
     try:
+        head = ray_cli(env, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
+                       f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
+                       f"--temp-dir={temp_dir}", "--disable-usage-stats", *node_ports())
+        assert head.returncode == 0, head.stdout + head.stderr
         worker = ray_cli(env, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", '--resources={"second_node": 1}',
                          *node_ports())
         assert worker.returncode == 0, worker.stdout + worker.stderr
         yield env, f"http://127.0.0.1:{dashboard}"
     finally:
-        stop_head(temp_dir, gcs)  # its processes, and its Ray client server, which names only the GCS port
+        # Exactly what the two `ray start` commands started and what those started since (workers, the job's
+        # driver): all carry the marker; a pid recorded earlier could have been reused by another process by now.
+        stop_processes(pid for pid, _ in process_table(str(temp_dir)))
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_job_submit_trains_on_two_nodes(two_node_cluster, prepared_dir, tmp_path):

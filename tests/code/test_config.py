@@ -1,6 +1,7 @@
 """The config system: YAML + --set overrides, typed, validated before any work starts."""
 
 import dataclasses
+import runpy
 import subprocess
 import sys
 import typing
@@ -179,3 +180,22 @@ def test_bad_includes_fail_naming_the_file(tmp_path, files, words):
     assert "\n" not in str(err.value)
     for word in words:
         assert word in str(err.value)
+
+
+@pytest.mark.parametrize("job, areas", [
+    ("make_phantoms", ["phantoms"]), ("prepare", ["data"]), ("preview_augment", ["data", "augment"]),
+    ("train", ["data", "model", "augment", "train", "registry"]),
+    ("tune", ["data", "model", "augment", "train", "tune", "registry"]), ("query", ["query"])])
+def test_job_help_lists_every_setting_of_its_areas(job, areas, capsys):
+    """``--help`` lists each key of the areas the job reads, with its documentation, one line each."""
+    main = runpy.run_path(str(ROOT / "jobs" / f"{job}.py"), run_name="imported")["main"]
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    listed = {line.strip().split(" (", 1)[0]: line for line in lines if line.startswith("  ") and " (" in line}
+    for area in areas:
+        for field in dataclasses.fields(type(getattr(Config(), area))):
+            key = f"{area}.{field.name}"
+            assert key in listed, f"{job} --help does not list {key}"
+            assert listed[key].rstrip().endswith(field.metadata.get("doc", "")), listed[key]

@@ -2,12 +2,25 @@
 in the old layout says to rerun the prepare job."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from boneage.dataset import (MANIFEST, OLD_LAYOUT_MANIFEST, OldPreparedLayout, image_column, images_from_column,
                              load_split, read_manifest, read_split, split_path)
+from helpers import ROOT
+
+WITHOUT_RAY = """
+import json, sys
+sys.modules["ray"] = None  # any import of ray or ray.* now raises ImportError
+from boneage.dataset import load_split
+split = load_split(sys.argv[1], "val")
+print(json.dumps({"boneage": split["boneage"].tolist(), "male": split["male"].tolist(),
+                  "image": list(split["image"].shape), "pixels": int(split["image"].sum())}))
+"""
 
 
 def test_image_column_round_trip():
@@ -39,3 +52,17 @@ def test_a_folder_that_is_not_prepared_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a prepared dataset.*run jobs/prepare.py") as raised:
         read_split(tmp_path, "train")
     assert not isinstance(raised.value, OldPreparedLayout)
+
+
+def test_load_split_reads_every_row_without_ray(prepared_dir):
+    """A GPU box without Ray reads a split whole: the same rows, in file order, as the Parquet files hold."""
+    out = subprocess.run([sys.executable, "-c", WITHOUT_RAY, str(prepared_dir)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    split = json.loads(out.stdout)
+    table = pq.read_table(split_path(prepared_dir, "val"), columns=["image", "boneage", "male"])
+    assert len(table) == read_manifest(prepared_dir)["splits"]["counts"]["val"]
+    assert np.array_equal(np.float32(split["boneage"]), table["boneage"].to_numpy().astype(np.float32))
+    assert np.array_equal(split["male"], table["male"].to_numpy().astype(float))
+    assert split["image"] == [len(table), 1, 32, 32]
+    assert split["pixels"] == int(images_from_column(table["image"], 32).sum(dtype=np.int64))

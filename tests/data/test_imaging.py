@@ -39,6 +39,29 @@ def test_dicom_monochrome1_is_inverted(tmp_path):
     assert row[0] > 230 and row[-1] < 20
 
 
+def unpadded_row(path) -> np.ndarray:
+    """The middle row of a 40x30 source decoded at its own height: no resampling, 5 columns of padding each side."""
+    return load_radiograph(path, 40)[20, 5:35].astype(float)
+
+
+STORED = gradient(high=4095)[0]  # the values write_dicom stores along a row
+
+
+def test_dicom_window_is_in_rescaled_units(tmp_path):
+    """Rescale slope and intercept come before the window (centre 4000, width 2000 of the rescaled values): read
+    without the rescale, the same window would fall on other columns."""
+    path = write_dicom(tmp_path / "a.dcm", slope=2.0, intercept=-100.0, window=(4000, 2000))
+    expected = np.clip((2.0 * STORED - 100.0 - 3000.0) / 2000.0, 0, 1) * 255
+    assert np.abs(unpadded_row(path) - expected).max() <= 3
+
+
+def test_dicom_voi_lut_sequence_is_applied(tmp_path):
+    """A VOI LUT that thresholds at half range turns the ramp into black then white."""
+    threshold = np.where(np.arange(4096) < 2048, 0, 4095)
+    row = unpadded_row(write_dicom(tmp_path / "a.dcm", voi_lut=threshold))
+    assert np.array_equal(row, np.where(STORED < 2048, 0, 255))
+
+
 @pytest.mark.parametrize("writer", [write_rgba, lambda p: write_palette(p, transparent_background=True)])
 def test_transparent_pixels_become_black_background(tmp_path, writer):
     # The transparent strip is the first 5 of 30 columns: white in the palette, but background.

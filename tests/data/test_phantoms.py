@@ -13,7 +13,7 @@ from boneage.phantoms import maturity as mat
 from boneage.phantoms.anatomy import DIGITS, build_hand
 from boneage.phantoms.generate import generate_phantoms, make_phantom, sample_subject
 from boneage.rsna import read_labels
-from helpers import ROOT
+from helpers import ROOT, phantom_config
 
 
 def test_labels_follow_the_rsna_distribution_with_known_rater_noise():
@@ -96,8 +96,18 @@ def test_generated_set_is_in_the_kaggle_layout_and_independent_of_worker_count(t
     assert pngs[0].parent == serial / "boneage-training-dataset" / "boneage-training-dataset"
     loaded = read_labels(serial / "boneage-training-dataset.csv", serial)
     assert loaded.format.name == "kaggle-train" and loaded.rejects.empty and len(loaded.table) == 12
-    summary = json.loads((serial / "phantoms.json").read_text())
-    assert summary["settings"]["seed"] == 0 and summary["best_possible_mae_months"] > 0
+    assert json.loads((serial / "phantoms.json").read_text())["settings"]["seed"] == 0
+
+
+def test_the_best_possible_mae_is_the_rater_noise(phantom_dir):
+    """The summary's best possible MAE is the mean rater error |label - true age| of the set's 60 phantoms: the
+    noise model's sd * sqrt(2/pi) = 4.8 months for sd 6, give or take 4 standard errors of a mean of 60
+    half-normal draws (sd * sqrt(1 - 2/pi) / sqrt(60) = 0.47 month each)."""
+    summary = json.loads((phantom_dir / "phantoms.json").read_text())
+    truth = pd.read_csv(phantom_dir / "truth.csv")
+    best, sd, n = summary["best_possible_mae_months"], summary["settings"]["label_noise_sd"], len(truth)
+    assert n == 60 and best == pytest.approx((truth["boneage"] - truth["maturity_months"]).abs().mean(), abs=0.01)
+    assert best == pytest.approx(sd * np.sqrt(2 / np.pi), abs=4 * sd * np.sqrt(1 - 2 / np.pi) / np.sqrt(n))
 
 
 def test_make_phantoms_command_line_and_reuse(tmp_path):
@@ -117,8 +127,7 @@ def test_dicom_copies_carry_sex_and_age_and_read_back_as_the_png(phantom_dir, tm
 
     from boneage.imaging import load_radiograph
 
-    cfg = load_config(overrides=[f"phantoms.out={phantom_dir}", "phantoms.n=60", "phantoms.size=64",
-                                 "phantoms.dicom_examples=2", f"phantoms.dicom_out={tmp_path / 'dicom'}"])
+    cfg = phantom_config(phantom_dir, "phantoms.dicom_examples=2", f"phantoms.dicom_out={tmp_path / 'dicom'}")
     generate_phantoms(cfg)  # the set is up to date: only the DICOM copies are written
     labels = pd.read_csv(phantom_dir / "boneage-training-dataset.csv", dtype={"id": str}).set_index("id")
     examples = sorted((tmp_path / "dicom").glob("*.dcm"))

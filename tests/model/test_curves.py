@@ -4,12 +4,11 @@ serving them."""
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 from boneage.curves import CURVES, TensorBoardCurves
-from helpers import as_logged, free_port, read_curves
+from helpers import as_logged, free_port, read_curves, wait_until
 
 
 def epoch_metrics(epoch: int, offset: float = 0.0) -> dict[str, float]:
@@ -57,16 +56,15 @@ def test_tensorboard_serves_the_curves_of_every_run(session_temp):
 
 
 def wait_for_json(url: str, server: subprocess.Popen, ready=bool, timeout: float = 60):
-    """The JSON at ``url`` once the server's answer is ``ready``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """The JSON at ``url`` once the server's answer is ``ready`` (and truthy)."""
+
+    def ready_answer():
         assert server.poll() is None, f"tensorboard exited: {server.stderr.read()[-2000:]}"
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 answer = json.load(response)
-            if ready(answer):
-                return answer
         except OSError:
-            pass  # not listening yet
-        time.sleep(0.5)
-    raise TimeoutError(f"tensorboard did not answer {url}")
+            return None  # not listening yet
+        return answer if ready(answer) else None
+
+    return wait_until(ready_answer, f"tensorboard to answer {url}", timeout, interval=0.5)

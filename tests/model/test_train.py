@@ -1,15 +1,17 @@
 """Ray Train: local mode, 2 workers, a killed worker, a killed and resubmitted driver, NaN loss, the bundle,
 the weight average."""
 
+import json
 import logging
 import math
 import os
 import re
+import runpy
 import shutil
 import signal
 import subprocess
 import sys
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,12 +21,13 @@ import pytest
 import ray
 import torch
 
-from boneage.bundle import load_bundle, versions
-from boneage.config import load_config
+from boneage.bundle import load_bundle, promote_if_better, read_best, register, versions
+from boneage.config import load_config, save_config
 from boneage.curves import CURVES
 from boneage.dataset import MANIFEST, read_manifest, split_path
 from boneage.train import REPORTED_METRICS, NonFiniteLoss, _use_gpu, run_name, run_training
-from helpers import ROOT, as_logged, read_curves, train_config, wait_until
+from helpers import (ROOT, as_logged, make_bundle, process_table, read_curves, session_env, train_config,
+                     wait_until)
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -33,11 +36,18 @@ def checkpoints(run_folder: Path) -> list[Path]:
     return sorted(p for p in run_folder.glob("checkpoint_*") if p.is_dir()) if run_folder.is_dir() else []
 
 
-def wait_for_checkpoint(run_folder: Path) -> None:
-    """Until Ray Train has registered a checkpoint (its manager's snapshot lists it), not just begun writing it."""
+def wait_for_checkpoint(run_folder: Path) -> int:
+    """Until Ray Train has registered a checkpoint (its manager's snapshot lists it), not just begun writing it;
+    the epoch of the latest registered one."""
     snapshot = run_folder / "checkpoint_manager_snapshot.json"
-    wait_until(lambda: checkpoints(run_folder) and snapshot.is_file() and "checkpoint_" in snapshot.read_text(),
-               f"a checkpoint in {run_folder}")
+
+    def latest_epoch() -> int | None:
+        try:
+            return json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"]
+        except (OSError, ValueError, KeyError, TypeError):  # not written yet, or being replaced
+            return None
+
+    return wait_until(lambda: checkpoints(run_folder) and latest_epoch(), f"a checkpoint in {run_folder}")
 
 
 def test_local_mode_trains_and_exports_a_loadable_bundle(prepared_dir, tmp_path):
@@ -107,33 +117,31 @@ def test_compiled_model_trains_data_parallel_and_exports_plain_weights(prepared_
     assert torch.isfinite(months).all()
 
 
-def train_worker_pids() -> list[int]:
-    """PIDs of live Ray Train worker processes (Ray titles them ``ray::RayTrainWorker...``), newest last."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
-                pids.append((entry.stat().st_mtime, int(entry.name)))
-        except OSError:
-            continue  # the process ended while we looked
-    return [pid for _, pid in sorted(pids)]
+def train_worker_pids(session_temp: Path) -> list[int]:
+    """PIDs of this session's live Ray Train worker processes (Ray titles them ``ray::RayTrainWorker...``), oldest
+    first; other sessions' workers on the machine are not ours to kill."""
+    return [pid for pid, command in process_table(str(session_temp)) if command.startswith("ray::RayTrainWorker")]
 
 
 @pytest.mark.slow
-def test_a_killed_worker_restarts_from_the_last_checkpoint(prepared_dir, tmp_path):
-    cfg = train_config(prepared_dir, tmp_path, "train.num_workers=2", "train.epochs=3", "train.max_failures=2")
+def test_a_killed_worker_restarts_from_the_last_checkpoint(prepared_dir, tmp_path, session_temp):
+    """A worker is killed once the epoch-1 checkpoint is registered, with four epochs still to go: the group
+    restarts from that checkpoint, not from scratch."""
+    cfg = train_config(prepared_dir, tmp_path, "train.num_workers=2", "train.epochs=5", "train.max_failures=2")
     run_folder = tmp_path / "runs" / run_name(cfg, read_manifest(prepared_dir))
 
-    def kill_a_worker():
-        wait_for_checkpoint(run_folder)
-        os.kill(train_worker_pids()[-1], signal.SIGKILL)
+    def kill_a_worker() -> int:
+        epoch = wait_for_checkpoint(run_folder)
+        os.kill(train_worker_pids(session_temp)[-1], signal.SIGKILL)  # raises if the run has already ended
+        return epoch
 
-    killer = threading.Thread(target=kill_a_worker)
-    killer.start()
-    outcome = run_training(cfg)
-    killer.join()
-    assert outcome.final_metrics["epoch"] == 3
-    assert outcome.final_metrics["resumed_at_epoch"] >= 1  # picked up from a checkpoint, not from scratch
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        killed = pool.submit(kill_a_worker)
+        outcome = run_training(cfg)
+        checkpointed_at_kill = killed.result(timeout=0)  # the killer's own failure, if any, fails the test
+    assert outcome.final_metrics["epoch"] == 5
+    # Resumed from the checkpoint registered before the kill (or a later one), before the last epoch.
+    assert 1 <= checkpointed_at_kill <= outcome.final_metrics["resumed_at_epoch"] < 5
 
 
 @pytest.mark.slow
@@ -142,11 +150,15 @@ def test_resubmitting_a_killed_job_resumes_it(prepared_dir, tmp_path, ray_sessio
                 "train.threads_per_worker=1", f"train.storage_path={tmp_path / 'runs'}",
                 f"registry.root={tmp_path / 'registry'}"]
     command = [sys.executable, "jobs/train.py", "--config", "configs/train.yaml", *cfg_args]
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
-    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    wait_for_checkpoint(next_run_folder(tmp_path / "runs"))
-    first.kill()  # the driver dies mid-run
-    first.wait()
+    env = session_env(ray_session)
+    with open(tmp_path / "first.log", "wb") as log:  # a file: a pipe nobody reads could fill and block the driver
+        first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_checkpoint(next_run_folder(tmp_path / "runs"))
+        finally:
+            first.kill()  # the driver dies mid-run
+            first.wait()
+    assert first.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]  # killed, not ended
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "epoch 3/3" in second.stdout and "epoch 1/3" not in second.stdout
@@ -177,6 +189,23 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(prepare
         run_training(train_config(poisoned, tmp_path, "train.run_name=nan-run", "train.epochs=2"))
     assert checkpoints(tmp_path / "runs" / "nan-run") == kept
     assert pc.all(pc.is_finite(pq.read_table(split_path(prepared_dir, "train"))["boneage"])).as_py()
+
+
+@pytest.mark.parametrize("standing_mae, promoted", [(1e6, True), (1e-3, False)])
+def test_the_train_job_promotes_its_model_to_best_only_when_it_is_better(prepared_dir, tmp_path, capsys,
+                                                                         standing_mae, promoted):
+    """jobs/train.py against a registry whose ``best`` is a version scored on the same val split: the new version
+    becomes ``best`` when its val MAE beats the standing one's, else ``best`` stays."""
+    cfg = train_config(prepared_dir, tmp_path, "train.num_workers=0")
+    root, name = tmp_path / "registry", cfg.registry.name
+    data = read_manifest(prepared_dir)["fingerprint"]
+    standing = register(make_bundle(tmp_path / "standing", val_mae=standing_mae, data=data, size=32)[0], root, name)
+    assert promote_if_better(standing, root, name).promoted
+    job = runpy.run_path(str(ROOT / "jobs" / "train.py"), run_name="imported")
+    job["main"](["--config", str(save_config(cfg, tmp_path / "train.yaml"))])
+    bundle = Path(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("bundle: "))
+    assert bundle == root / name / "2"
+    assert read_best(root, name)["version"] == (2 if promoted else 1)
 
 
 def test_preview_job_writes_a_grid_of_training_images_without_ray_train(prepared_dir, tmp_path):
