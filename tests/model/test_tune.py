@@ -2,7 +2,6 @@
 
 import ast
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from boneage.curves import CURVES
 from boneage.dataset import read_manifest
 from boneage.tune import (BASE, SweepError, parse_search_space, run_sweep, sweep_name, trial_concurrency,
                           trial_config, trial_space, write_leaderboard)
-from helpers import ROOT, as_logged, read_curves, train_config, train_overrides, wait_until
+from helpers import ROOT, as_logged, read_curves, session_env, train_config, train_overrides, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -156,7 +155,7 @@ def test_rerunning_an_interrupted_sweep_does_not_rerun_finished_trials(prepared_
     # The job derives the sweep's name itself, from the same settings: a rerun finds the sweep by that name.
     name = sweep_name(load_config(ROOT / "configs" / "tune.yaml", overrides), read_manifest(prepared_dir))
     command = [sys.executable, "jobs/tune.py", "--config", "configs/tune.yaml", "--set", *overrides]
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+    env = session_env(ray_session)
     first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     sweep = tmp_path / "runs" / name
     finished = wait_until(lambda: finished_trials(sweep), f"a finished trial in {sweep}", timeout=600)
