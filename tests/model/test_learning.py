@@ -16,7 +16,8 @@ from boneage.inference import BoneAgePredictor
 from boneage.train import run_training
 from helpers import ROOT, data_config
 
-# One training takes about a minute on a quiet 2-core EPYC, and 15 on one loaded 50-fold: past the suite's 900 s.
+# One training: an estimated minute on a quiet 2-core EPYC (2,800 images at the demo's 62 img/s), and over 15 on
+# one loaded 50-fold (measured), past the suite's 900 s.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400), pytest.mark.usefixtures("ray_session")]
 
 # The demo's settings (configs/demo.yaml: model, gentle augmentations, learning rate), shortened to 4 epochs of
@@ -48,10 +49,12 @@ def test_training_learns_the_bone_age_and_reports_the_bundles_val_mae(learning_s
     print(f"val MAE {val_mae:.2f} months against {outcome.baseline_mae:.2f} for predicting the mean")
     assert val_mae < 0.75 * outcome.baseline_mae
     # The exported bundle, answering as the service does on the plain val images, scores what training reported.
+    # (The demo's bundle: 11.674651 both ways; on val images with the demo's augmentations, 12.66.)
     val = load_split(learning_set, "val")
     predictor = BoneAgePredictor(load_bundle(outcome.bundle))
-    months = predictor.predict(val["image"][:, 0].numpy(), val["male"].numpy().astype(bool))
-    assert np.abs(months - val["boneage"].numpy()).mean() == pytest.approx(val_mae, abs=0.2)
+    errors = predictor.predict(val["image"][:, 0].numpy(), val["male"].numpy().astype(bool)) - val["boneage"].numpy()
+    assert np.abs(errors).mean() == pytest.approx(val_mae, abs=0.05)
+    assert np.sqrt(np.square(errors).mean()) == pytest.approx(outcome.metrics["val_rmse"], abs=0.05)
 
 
 def test_shuffled_labels_teach_nothing(learning_set, tmp_path):
