@@ -86,7 +86,7 @@ def test_a_tampered_bundle_stops_its_deployment_through_serve_and_the_other_apps
     assert done.returncode == 0, done.stderr  # the CLI only hands the file over; Serve builds the application
     try:
         wait_until(lambda: app_status("tampered") not in ("NOT_STARTED", "DEPLOYING"), "Serve to build 'tampered'",
-                   timeout=180, interval=1)
+                   interval=1)
         found = serve.status().applications["tampered"]
         assert found.status == "DEPLOY_FAILED" and "does not match the checksum" in found.message, found.message
         assert not any(d.replica_states for d in found.deployments.values()), found.deployments  # no replica
@@ -195,7 +195,7 @@ def test_configs_serve_yaml_deploys_with_the_serve_cli_and_its_shipped_settings_
     assert done.returncode == 0, done.stderr
     try:
         wait_until(lambda: app_status("fromfile") not in ("NOT_STARTED", "DEPLOYING"), "Serve to deploy 'fromfile'",
-                   timeout=180, interval=1)
+                   interval=1)
         assert app_status("fromfile") == "RUNNING", serve.status().applications["fromfile"].message
         model = requests.get(f"http://127.0.0.1:{serve_port}/fromfile/v1/model", timeout=30).json()
         assert model["model"] == {"name": "tiny", "version": "2"}
