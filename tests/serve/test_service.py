@@ -48,8 +48,9 @@ def test_bad_inputs_answer_4xx_json_through_serve(service_url, phantoms, tmp_pat
 def test_concurrent_requests_give_the_sequential_answers_and_heat_maps_and_form_batches(service_url, phantoms):
     def ask(item):
         (png, sex), route = item
-        answer = post(service_url, route, png, sex=sex).json()
-        return answer["bone_age_months"], answer.get("heatmap")  # the heat map grid on /v1/explain only
+        response = post(service_url, route, png, sex=sex)
+        assert response.status_code == 200, response.text
+        return response.json()["bone_age_months"], response.json().get("heatmap")  # the heat map grid on /v1/explain only
 
     work = [(p, route) for p in phantoms for route in ("predict", "explain")]
     sequential = [ask(item) for item in work]
