@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BASE := $(VENV)/.installed-base
 DEV := $(VENV)/.installed-dev
 
-.PHONY: demo stop test test-fast clean
+.PHONY: demo stop test test-fast test-shuffled clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,11 @@ test: $(DEV)
 
 test-fast: $(DEV)
 	$(PY) -m pytest -m "not slow"
+
+# The suite in a random order (pytest-randomly; the header prints the seed, --randomly-seed=N repeats it): no test
+# may rely on another having run first.
+test-shuffled: $(DEV)
+	$(PY) -m pytest -p randomly
 
 clean:
 	rm -rf outputs

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import requests
+import yaml
 from PIL import Image
 
 from boneage.config import load_config, to_dict
+from helpers import ROOT
 from images import gradient, write_bomb_png, write_dicom, write_truncated_png
 
 AGE_FIELD = "chronological_age_months"
 APP = "boneage"  # the Serve application most tests talk to
+# How the session deploys APP (one replica, batches that wait 50 ms to fill); a test that redeploys it restores this.
+APP_OPTIONS = {"num_replicas": 1, "max_ongoing_requests": 32}
+APP_SETTINGS = ("serve.batch_wait_timeout_s=0.05",)
+SHIPPED = ROOT / "configs" / "serve.yaml"
 
 
 def serve_settings(registry: Path, *extra: str):
@@ -66,3 +75,35 @@ def deploy(registry: Path, name: str, route: str, options: dict, *settings: str)
 
     args = to_dict(serve_settings(registry, *settings))
     serve.run(service_app(args, {"ray_actor_options": {"num_cpus": 0.25}, **options}), name=name, route_prefix=route)
+
+
+def deploy_session_app(registry: Path) -> None:
+    """(Re)deploy APP at ``/`` as the session fixture does: ``tiny:1``, :data:`APP_OPTIONS`, :data:`APP_SETTINGS`."""
+    deploy(registry, APP, "/", APP_OPTIONS, *APP_SETTINGS)
+
+
+def shipped_config(port: int, name: str, **args) -> dict:
+    """``configs/serve.yaml`` as shipped, but for the HTTP port, the application's name and route (``/<name>``),
+    a quarter CPU per replica and the ``args`` given (the test registry's model)."""
+    config = yaml.safe_load(SHIPPED.read_text())
+    config["http_options"]["port"] = port
+    app = config["applications"][0]
+    app.update(name=name, route_prefix=f"/{name}")
+    app["args"].update(args)
+    app["deployments"][0]["ray_actor_options"]["num_cpus"] = 0.25
+    return config
+
+
+def serve_deploy(config: dict, folder: Path, dashboard_url: str) -> subprocess.CompletedProcess:
+    """``serve deploy`` (Ray's CLI) of ``config`` written to a file in ``folder``, as the README says."""
+    path = folder / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run([str(Path(sys.executable).parent / "serve"), "deploy", str(path), "--address",
+                           dashboard_url], cwd=ROOT, env={**os.environ, "RAY_AUTH_MODE": "token"},
+                          capture_output=True, text=True, timeout=120)
+
+
+def months_in_process(predictor, data: bytes, sex: str) -> float:
+    """The bone age ``predictor`` (the service's model, in this process) gives the file ``data``."""
+    canvas = predictor.decode(data).canvas
+    return float(predictor.predict(canvas[None], np.array([sex == "M"]))[0])

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from boneage.bundle import register
-from cases import APP, deploy, serve_settings
-from helpers import free_port, make_bundle
+from cases import APP, SHIPPED, deploy_session_app, serve_settings
+from helpers import free_port, make_bundle, wait_until
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +30,7 @@ def direct_url(registry):
     server = direct_server(serve_settings(registry, "serve.max_upload_mb=1"), port=free_port())
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    wait_until(lambda: server.started, "the plain uvicorn server to start", timeout=60, interval=0.05)
     yield f"http://127.0.0.1:{server.config.port}"
     server.should_exit = True
     thread.join(timeout=10)
@@ -39,23 +38,32 @@ def direct_url(registry):
 
 @pytest.fixture(scope="session")
 def serve_port(ray_session):
-    """Ray Serve on the session's Ray runtime, HTTP on a free local port; shut down at the end."""
+    """Ray Serve on the session's Ray runtime with ``configs/serve.yaml``'s HTTP options (host, request timeout)
+    but a free port, as `serve deploy` of that file starts it; shut down at the end."""
     from ray import serve
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={**yaml.safe_load(SHIPPED.read_text())["http_options"], "port": port})
     yield port
     serve.shutdown()
 
 
 @pytest.fixture(scope="session")
 def service_url(serve_port, registry):
-    """The Serve application at ``/``: one replica, batches of up to 8 that wait 50 ms to fill."""
+    """The Serve application at ``/``: one replica, batches of up to 16 that wait 50 ms to fill."""
     from ray import serve
 
-    deploy(registry, APP, "/", {"num_replicas": 1, "max_ongoing_requests": 32}, "serve.batch_wait_timeout_s=0.05")
+    deploy_session_app(registry)
     yield f"http://127.0.0.1:{serve_port}"
     serve.delete(APP)
+
+
+@pytest.fixture(scope="session")
+def local_predictor(registry):
+    """The service's model (``tiny:1``) in this process, for the answers the service must give."""
+    from boneage.inference import BoneAgePredictor
+
+    return BoneAgePredictor.from_settings(serve_settings(registry))
 
 
 @pytest.fixture(scope="session")
