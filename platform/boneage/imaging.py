@@ -134,11 +134,20 @@ def _decode_dicom(data: bytes, max_megapixels: float) -> Image.Image:
         pixels = pixels[0]  # multi-frame: the first frame is the radiograph
     if pixels.ndim != 2:
         raise ImageRejected(REJECT_UNDECODABLE, f"DICOM pixel data of shape {pixels.shape} is not grayscale")
-    values = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float32)
+    values = apply_voi_lut(_modality_values(pixels, ds), ds).astype(np.float32)
     gray = _minmax_to_uint8(values)
     if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
         gray = 255 - gray  # MONOCHROME1: high values are dark; flip so bone is bright as in every PNG
     return Image.fromarray(gray)
+
+
+def _modality_values(pixels: np.ndarray, ds) -> np.ndarray:
+    """Stored pixels in the modality's units (rescale slope and intercept, or a modality LUT). A VOI LUT table is
+    indexed by whole modality values, so before one they are rounded (a fractional rescale would mis-index it)."""
+    values = apply_modality_lut(pixels, ds)
+    if "VOILUTSequence" in ds and values.dtype.kind == "f":
+        values = np.rint(values).astype(np.int32)
+    return values
 
 
 def _minmax_to_uint8(values: np.ndarray) -> np.ndarray:
