@@ -57,7 +57,9 @@ def main() -> None:
         predictors = {p: BoneAgePredictor(load_bundle(bundle), precision=p) for p in PRECISIONS}
         inference = {f"batch_{b}": predict_ms_per_image(predictors, b, args.rounds) for b in BATCHES}
         answers = answer_differences(predictors, Path(tmp)) if args.bundle else None
-    result = {"image_size": args.image_size, "cpu_kind": cpu_kind(), "flags": bf16_flags(),
+    # A --bundle predicts at its own size, which may differ from the training steps' --image-size.
+    result = {"image_size": args.image_size, "predict_image_size": predictors["fp32"].image_size,
+              "cpu_kind": cpu_kind(), "flags": bf16_flags(),
               "predict_threads": max(args.threads),
               "train_images_per_s": training, "predict_ms_per_image": inference,
               "auto_chooses": {job: resolve_precision("auto", torch.device("cpu"), job)
