@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,24 @@ def as_logged(value: float) -> float:
     import numpy as np
 
     return float(np.float32(value))
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Headless chromium without its own background traffic (updates, field trials, first-run pages).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run"]
+
+
+@contextmanager
+def headless_chromium():
+    """Debian's chromium driven by Playwright (the test skips when it is not installed)."""
+    from playwright.sync_api import sync_playwright
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"no browser at {CHROMIUM}: install Debian's chromium (.ci/run does)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -13,16 +13,13 @@ from urllib.parse import urlparse
 
 import pytest
 import requests
-from playwright.sync_api import ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import ConsoleMessage, Page, expect
 
 from cases import AGE_FIELD, post
+from helpers import headless_chromium
 from images import write_dicom, write_png16
 
-CHROMIUM = Path("/usr/bin/chromium")
 REDOCLY_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"  # hard-coded in ReDoc 2; the service's policy refuses it
-# Headless chromium without its own background traffic (updates, field trials, first-run pages).
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run"]
 
 
 @dataclass
@@ -51,12 +48,8 @@ class Visit:
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"no browser at {CHROMIUM}: install Debian's chromium (.ci/run does)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with headless_chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture
