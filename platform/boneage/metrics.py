@@ -90,6 +90,26 @@ def error_stats(predicted: np.ndarray, true: np.ndarray) -> ErrorStats:
 
 
 @dataclass
+class Agreement:
+    """Bland-Altman agreement of predicted with true ages, in months (``None`` when empty)."""
+
+    bias: float | None  # mean of predicted - true
+    low: float | None  # bias - z SD of the differences: the lower limit of agreement
+    high: float | None
+
+
+def limits_of_agreement(predicted: np.ndarray, true: np.ndarray, z: float = 1.96) -> Agreement:
+    """The bias and the limits of agreement, bias +- ``z`` sample SDs of ``predicted - true`` (1.96: 95% of
+    differences lie within them when they are normal)."""
+    difference = np.asarray(predicted, dtype=float) - np.asarray(true, dtype=float)
+    if difference.size == 0:
+        return Agreement(None, None, None)
+    spread = z * float(difference.std(ddof=1)) if difference.size > 1 else 0.0
+    bias = float(difference.mean())
+    return Agreement(bias, bias - spread, bias + spread)
+
+
+@dataclass
 class ConfidenceInterval:
     """A percentile bootstrap interval (``None`` bounds for an empty set)."""
 

@@ -21,14 +21,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from boneage.artifacts import atomic_file
-from boneage.metrics import SEXES, Comparison, EvaluationMetrics, LocalisationRow
+from boneage.metrics import (SEXES, Agreement, Comparison, EvaluationMetrics, LocalisationRow,
+                             limits_of_agreement)
 
 REPORT_FILE = "report.html"
 GALLERY_KINDS = ("best", "median", "worst")
 SEX_COLOURS = {"M": "#1f77b4", "F": "#d95f02"}  # blue and orange: distinct for the common colour-blindnesses
 SEX_NAMES = {"M": "male", "F": "female"}
 MODEL_COLOUR, BASELINE_COLOUR = "#1f77b4", "#bbbbbb"
-LIMITS_OF_AGREEMENT_Z = 1.96  # Bland-Altman: 95% of differences lie within bias +- 1.96 SD
+LIMITS_OF_AGREEMENT_Z = 1.96  # Bland-Altman's 95% limits of agreement: bias +- 1.96 SD
 
 
 @dataclass
@@ -115,23 +116,31 @@ def _scatter(known: pd.DataFrame) -> str:
 
 def _bland_altman(known: pd.DataFrame) -> str:
     predicted, true = known["bone_age_months"].to_numpy(float), known["boneage"].to_numpy(float)
-    mean, difference = (predicted + true) / 2, predicted - true
-    bias = float(difference.mean()) if difference.size else 0.0
-    spread = LIMITS_OF_AGREEMENT_Z * (float(difference.std(ddof=1)) if difference.size > 1 else 0.0)
+    agreement = limits_of_agreement(predicted, true, LIMITS_OF_AGREEMENT_Z)
     figure = Figure(figsize=(6.4, 4.2))
     axes = figure.add_subplot()
-    axes.scatter(mean, difference, s=14, alpha=0.7, color=MODEL_COLOUR)
-    for level, name, style in ((bias, "bias", "-"), (bias + spread, "+1.96 SD", "--"), (bias - spread, "-1.96 SD",
-                                                                                          "--")):
-        axes.axhline(level, color="#555555", linestyle=style, linewidth=1)
-        axes.annotate(f"{name}: {level:+.1f} months", (1, level), xycoords=("axes fraction", "data"),
-                      xytext=(-4, 3), textcoords="offset points", ha="right", fontsize=8)
+    axes.scatter((predicted + true) / 2, predicted - true, s=14, alpha=0.7, color=MODEL_COLOUR)
+    _draw_agreement(axes, agreement)
     axes.set(xlabel="Mean of predicted and true bone age (months)", ylabel="Predicted - true (months)")
     axes.grid(alpha=0.3)
-    caption = (f"Bland-Altman plot: the difference against the mean of the two readings. Bias {bias:+.1f} months; "
-               f"95% limits of agreement {bias - spread:+.1f} to {bias + spread:+.1f} months (bias &plusmn; 1.96 "
-               "SD of the differences).")
+    caption = (f"Bland-Altman plot: the difference against the mean of the two readings. Bias "
+               f"{_months(agreement.bias, signed=True)} months; 95% limits of agreement "
+               f"{_months(agreement.low, signed=True)} to {_months(agreement.high, signed=True)} months (bias "
+               f"&plusmn; {LIMITS_OF_AGREEMENT_Z} SD of the differences).")
     return _figure("bland-altman", _img(_png(figure), "Bland-Altman plot"), caption)
+
+
+def _draw_agreement(axes, agreement: Agreement) -> None:
+    """The bias and the limits of agreement as labelled horizontal lines (none for an empty set)."""
+    if agreement.bias is None:
+        return
+    z = LIMITS_OF_AGREEMENT_Z
+    for level, name, style in ((agreement.bias, "bias", "-"), (agreement.high, f"+{z} SD", "--"),
+                               (agreement.low, f"-{z} SD", "--")):
+        axes.axhline(level, color="#555555", linestyle=style, linewidth=1)
+        axes.annotate(f"{name}: {level:+.1f} months", (1, level), xycoords=("axes fraction", "data"),
+                      xytext=(-4, 3), textcoords="offset points", ha="right", fontsize=8,
+                      bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
 
 
 def _error_by_band(metrics: EvaluationMetrics) -> str:
@@ -157,7 +166,7 @@ def _error_by_band(metrics: EvaluationMetrics) -> str:
 
 def _gallery(gallery: Sequence[GalleryCase]) -> str:
     if not gallery:
-        return '<p class="note">No Grad-CAM gallery: no images with a true age were scored.</p>'
+        return '<p class="note">No Grad-CAM gallery: no cases were given (they need images with a true age).</p>'
     cases = "".join(_gallery_case(case) for case in gallery)
     caption = ("Grad-CAM gallery: the best, median and worst answers by absolute error. Left the image as the "
                "model saw it, right the heat map over it (warm colours: where the answer came from).")
@@ -175,7 +184,7 @@ def _gallery_case(case: GalleryCase) -> str:
 
 def _augmentation_preview(png: bytes | None) -> str:
     if png is None:
-        return '<p class="note">No augmentation preview: the bundle records no training augmentation to draw.</p>'
+        return '<p class="note">No augmentation preview: none was given for this evaluation.</p>'
     caption = "The training augmentation: random draws of the training config's transforms on one image."
     return _figure("augmentation-preview", _img(png, "augmentation preview"), caption)
 

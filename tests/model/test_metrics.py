@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from boneage.metrics import (AGE_BANDS, BundleRef, DataRef, ErrorStats, EvaluationMetrics, MetricsError, age_band,
-                             bootstrap_mae_ci, error_stats, evaluate_predictions)
+from boneage.metrics import (AGE_BANDS, Agreement, BundleRef, DataRef, ErrorStats, EvaluationMetrics, MetricsError,
+                             age_band, bootstrap_mae_ci, error_stats, evaluate_predictions, limits_of_agreement)
 
 # Errors (predicted - true) -2, 0, 6, 10, -20: |e| 2, 0, 6, 10, 20.
 PREDICTED = np.array([10.0, 20.0, 30.0, 40.0, 50.0])
@@ -31,8 +31,17 @@ def test_error_figures_match_the_hand_computed_values():
     assert stats.bias == pytest.approx(-6 / 5)  # negative: the model says younger on average
 
 
+def test_the_limits_of_agreement_are_the_bias_plus_minus_1_96_sample_sds():
+    # Differences from their mean -1.2: -0.8, 1.2, 7.2, 11.2, -18.8; squares sum to 532.8, over n - 1 = 4.
+    agreement = limits_of_agreement(PREDICTED, TRUE)
+    sd = math.sqrt(532.8 / 4)
+    assert (agreement.bias, agreement.low, agreement.high) == pytest.approx((-1.2, -1.2 - 1.96 * sd, -1.2 + 1.96 * sd))
+    assert limits_of_agreement(PREDICTED[:1], TRUE[:1]) == Agreement(-2.0, -2.0, -2.0)
+
+
 def test_an_empty_set_has_count_0_and_no_figures():
     assert error_stats(np.array([]), np.array([])) == ErrorStats(0, None, None, None, None, None, None, None)
+    assert limits_of_agreement(np.array([]), np.array([])) == Agreement(None, None, None)
     interval = bootstrap_mae_ci(np.array([]), np.array([]), resamples=10, seed=3)
     assert (interval.low, interval.high, interval.resamples, interval.seed) == (None, None, 10, 3)
 

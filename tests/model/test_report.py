@@ -134,3 +134,13 @@ def test_chromium_draws_every_figure_from_disk_without_the_network(report):
     assert set(FIGURES) <= set(widths)
     for figure_id in FIGURES:
         assert widths[figure_id] and all(width > 0 for width in widths[figure_id]), (figure_id, widths[figure_id])
+
+
+def test_a_set_without_true_ages_still_gives_a_report(tmp_path):
+    predictions = scored(5).assign(boneage=np.nan)
+    metrics = evaluate_predictions(predictions, 110.0, 50, 0)
+    assert (metrics.counts.scored, metrics.counts.with_true_age, metrics.mae, metrics.mae_ci.low) == (6, 0, None, None)
+    page = build_report(metrics, predictions, [], None, tmp_path).read_text()
+    assert "No scored image had a true age" in page and "No Grad-CAM gallery" in page
+    for figure_id in ("scatter", "bland-altman", "error-by-band"):
+        assert "data:image/png;base64," in figure_html(page, figure_id)
