@@ -135,11 +135,11 @@ def _prepared_inputs(settings: ScoringConfig, image_size: int) -> _Inputs:
 def _labelled_inputs(settings: ScoringConfig, image_size: int) -> _Inputs:
     table = read_labels(settings.labels, settings.images, blank_sex=True)
     named = set(table.table["id"]) | set(table.rejects["id"])
-    if named and not named & set(table.images):
-        raise ScoringInputError(f"{settings.AREA}.labels={settings.labels} matches no images: none of its "
-                                f"{len(named)} ids has an <id>.png/.jpg/.dcm under {settings.images}")
     if not named:
         raise ScoringInputError(f"{settings.AREA}.labels={settings.labels} has no rows")
+    if not named & set(table.images):
+        raise ScoringInputError(f"{settings.AREA}.labels={settings.labels} matches no images: none of its "
+                                f"{len(named)} ids has an <id>.png/.jpg/.dcm under {settings.images}")
     files = table.table.assign(sex=table.table["male"].map(SEX_LETTER, na_action="ignore").fillna(""))
     rejects = pd.concat([table.rejects, unlabeled_image_rejects([table])], ignore_index=True)
     return _Inputs(files=files[INPUT_COLUMNS], rejects=rejects,
@@ -215,7 +215,7 @@ class BatchScorer:
             except OSError as err:  # unreadable file (permissions, vanished)
                 reasons[i] = f"{REJECT_UNDECODABLE}: cannot read file: {err}"
                 continue
-            if not sex[i]:
+            if not sex[i]:  # the labels' sex, where they give one, is taken as it is: the header is not read
                 sex[i] = (dicom_patient_sex(data) if is_dicom(data) else None) or ""
             if not sex[i]:
                 reasons[i] = (f"{REJECT_MISSING_SEX}: no sex in the labels file"
