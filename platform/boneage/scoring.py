@@ -234,24 +234,23 @@ def _run_actors(inputs: _Inputs, settings: ScoringConfig, bundle: Path) -> pd.Da
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    from boneage.dataset import quiet_context, read_split
+    from boneage.dataset import quiet_context
 
+    table = inputs.files if inputs.files is not None else _prepared_rows(settings.data, settings.split)
+    if table.empty:
+        return pd.DataFrame(columns=[*PREDICTION_COLUMNS, "reason"])
     context = quiet_context()
     context.execution_options.preserve_order = True  # answers in input order
     with DataContext.current(context):  # a dataset keeps the context it was created in
-        if inputs.files is None:
-            dataset = read_split(settings.data, settings.split).select_columns(["id", "image", "boneage", "male"])
-            rows = dataset.count()
-        else:
-            dataset, rows = ray.data.from_pandas(inputs.files), len(inputs.files)
-        if rows == 0:
-            return pd.DataFrame(columns=[*PREDICTION_COLUMNS, "reason"])
+        # One block per batch, made here: the actors can take every CPU, so no read or repartition task would
+        # ever find one (a 2-CPU cluster with 2 actors waited forever on a repartition).
+        dataset = ray.data.from_pandas([table.iloc[i:i + settings.batch_size]
+                                        for i in range(0, len(table), settings.batch_size)])
         gpu = _use_gpu(settings)
-        actors = settings.actors or _auto_actors(gpu)
-        actors = min(actors, math.ceil(rows / settings.batch_size))
-        log.info("scoring %d images with %d actor(s) on %s, batches of %d ...", rows, actors,
+        actors = min(settings.actors or _auto_actors(gpu), math.ceil(len(table) / settings.batch_size))
+        log.info("scoring %d images with %d actor(s) on %s, batches of %d ...", len(table), actors,
                  "GPUs" if gpu else "CPUs", settings.batch_size)
-        scored = dataset.repartition(target_num_rows_per_block=settings.batch_size).map_batches(
+        scored = dataset.map_batches(
             BatchScorer, batch_size=settings.batch_size, batch_format="numpy",
             compute=ActorPoolStrategy(size=actors), num_cpus=1, num_gpus=1 if gpu else 0,
             fn_constructor_kwargs={"bundle": str(bundle), "image_size": inputs.source.image_size,
@@ -260,6 +259,11 @@ def _run_actors(inputs: _Inputs, settings: ScoringConfig, bundle: Path) -> pd.Da
         # Ray Data hands back Arrow-backed columns, whose NaN is not missing: plain numpy ones, as in any table
         return scored.to_pandas().astype({**dict.fromkeys(["id", "path", "sex", "reason"], object),
                                           "boneage": "float64", "bone_age_months": "float64"})
+
+
+def _prepared_rows(data: str, split: str) -> pd.DataFrame:
+    """A prepared split's rows (id, image bytes, boneage, male), read here in file order."""
+    return pq.read_table(split_path(data, split), columns=["id", "image", "boneage", "male"]).to_pandas()
 
 
 def _use_gpu(settings: ScoringConfig) -> bool:
