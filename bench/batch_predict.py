@@ -17,14 +17,12 @@ Results: bench/results/batch_predict.json.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -98,7 +96,7 @@ def main() -> None:
             print(f"Ray Data, {actors} actor(s): {run['images_per_s']:.1f} images/s, {run['speedup']:.2f}x")
             runs.append(run)
     baseline.pop("answers")
-    write_result("batch_predict", {
+    write_result("batch_predict" if args.image_size == 64 else f"batch_predict_{args.image_size}px", {
         "files": f"rsna-fullsize (32 PNG, 1600x2080) linked {args.repeats}x", "image_size": args.image_size,
         "bundle": "demo architecture (configs/demo.yaml model), seeded random weights", "batch_size":
         args.batch_size, "cpus": ray.cluster_resources().get("CPU"), "plain_loop": baseline, "ray_data": runs,
