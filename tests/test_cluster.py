@@ -1,5 +1,6 @@
 """A real two-node local Ray cluster: `ray start --head`, a second `ray start --address` raylet with its own
-resources, and the training job submitted with `ray job submit --working-dir .` exactly as the README says."""
+resources, and the training and prediction jobs submitted with `ray job submit --working-dir .` exactly as the
+README says."""
 
 import os
 import shutil
@@ -7,9 +8,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from helpers import free_port, process_table, ray_cli, stop_processes
+from helpers import free_port, make_bundle, process_table, ray_cli, stop_processes
 
 pytestmark = pytest.mark.slow
 
@@ -21,9 +23,10 @@ def node_ports() -> list[str]:
             f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_node_cluster(session_temp):
-    """Start a head (2 CPUs) and a worker node (2 CPUs) from the project's venv; yield (env, dashboard URL).
+    """Start a head (2 CPUs) and a worker node (2 CPUs) from the project's venv; yield (env, dashboard URL). The
+    module's jobs share it (starting one takes a minute on 2 cores).
 
     Every process the two ``ray start`` commands leave running (raylets, GCS, dashboard, Ray client server,
     workers) inherits the cluster's own temp dir in its environment (``BONEAGE_TEST_CLUSTER``): clean-up stops
@@ -64,3 +67,20 @@ def test_job_submit_trains_on_two_nodes(two_node_cluster, prepared_dir, tmp_path
     assert "val_mae" in output and "best epoch 1: val MAE" in output
     bundle = Path(next(line for line in output.splitlines() if line.startswith("bundle: ")).split(": ", 1)[1])
     assert (bundle / "model.pt").is_file() and (bundle / "bundle.json").is_file()
+
+
+def test_job_submit_predicts_on_the_cluster(two_node_cluster, phantom_dir, tmp_path):
+    env, dashboard = two_node_cluster
+    bundle = make_bundle(tmp_path / "bundle", size=32)[0]
+    out = tmp_path / "predictions.csv"
+    submit = ray_cli(
+        env, "job", "submit", "--address", dashboard, "--working-dir", ".", "--",
+        "python", "jobs/predict.py", "--config", "configs/predict.yaml", "--set", f"predict.bundle={bundle}",
+        f"predict.labels={phantom_dir / 'boneage-training-dataset.csv'}", f"predict.images={phantom_dir}",
+        f"predict.out={out}", "predict.actors=2", "predict.batch_size=16", timeout=600)
+    output = submit.stdout + submit.stderr
+    assert submit.returncode == 0, output
+    assert "scored 60 images (60 with a true age)" in output
+    assert f"predictions: {out}" in output.splitlines()
+    predictions = pd.read_csv(out)
+    assert len(predictions) == 60 and list(predictions.columns) == ["id", "sex", "bone_age_months", "boneage"]

@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 
@@ -298,6 +298,51 @@ class QueryConfig:
 
 
 @dataclass
+class ScoringConfig:
+    """Bulk inference with a model bundle (``boneage.scoring``): which images, and how they are scored. The
+    prediction and evaluation jobs share these settings, each in its own area (:attr:`AREA`)."""
+
+    AREA: ClassVar[str] = "scoring"  # the area its keys live in, for messages
+
+    bundle: str = setting("boneage-vgg16:best", doc="bundle folder or registry reference (<name>:best|latest|N) "
+                                                    "in registry.root")
+    labels: str = setting("", doc="labels file in an RSNA layout (kaggle-test's Case ID,Sex too); empty: score "
+                                  "every image under images, sex from DICOM headers")
+    images: str = setting("", doc="folder searched recursively for <id>.png/.jpg/.dcm")
+    data: str = setting("", doc="a prepared dataset folder instead of labels/images")
+    split: str = setting("test", doc="the split of data to score (train, val, test or unlabeled)")
+    batch_size: int = setting(32, low=1, high=4096, doc="images per model call")
+    actors: int = setting(0, low=0, high=1024,
+                          doc="Ray Data actors, each with its own copy of the model (0: one per GPU, else per CPU)")
+    use_gpu: Literal["auto", True, False] = setting("auto", doc="auto: GPU actors when the cluster has GPUs")
+    max_image_megapixels: float = setting(64.0, low=0.01, high=1000.0, doc="decompression-bomb guard")
+
+
+@dataclass
+class PredictConfig(ScoringConfig):
+    """``jobs/predict.py``: bone ages for many images at once, as a CSV."""
+
+    AREA: ClassVar[str] = "predict"
+
+    out: str = setting("outputs/predictions.csv", doc="predictions CSV; the rejects go beside it to "
+                                                      "<stem>.rejects.csv")
+
+
+@dataclass
+class EvalConfig(ScoringConfig):
+    """``jobs/evaluate.py``: score a labelled set and write metrics.json and report.html."""
+
+    AREA: ClassVar[str] = "eval"
+
+    out: str = setting("outputs/evaluation", doc="output folder (metrics.json, report.html, predictions)")
+    bootstrap_resamples: int = setting(1000, low=10, high=1_000_000, doc="resamples of the MAE's 95% CI")
+    seed: int = setting(0, low=0, doc="seed of the bootstrap: the same seed gives the same interval")
+    gallery_cases: int = setting(3, low=0, high=100, doc="Grad-CAM cases shown per best, median and worst")
+    boxes: str = setting("", doc="phantom boxes.csv for the localisation score; empty: <images>/boxes.csv, or the "
+                                 "prepared data's source folder's, when present")
+
+
+@dataclass
 class Config:
     """Every area's settings; a job uses the areas it needs and saves the whole resolved config."""
 
@@ -310,6 +355,8 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

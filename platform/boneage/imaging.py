@@ -8,6 +8,7 @@ the aspect ratio and pads with black to a square: hands are never squashed.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,22 @@ class ImageRejected(ValueError):
 
 
 def load_radiograph(source: str | Path | bytes, size: int, max_megapixels: float = 64.0) -> np.ndarray:
-    """Read ``source`` (a path or the file's bytes) into a ``(size, size)`` uint8 array, hand centred."""
+    """Read ``source`` (a path or the file's bytes) into a ``(size, size)`` uint8 array, hand centred: the model
+    canvas. Prepare, the service and bulk scoring all frame files with this, so a model sees the same pixels in
+    each."""
+    return load_radiograph_sizes(source, (size,), max_megapixels)[0]
+
+
+def load_radiograph_sizes(source: str | Path | bytes, sizes: Sequence[int],
+                          max_megapixels: float = 64.0) -> list[np.ndarray]:
+    """``source`` framed on square canvases of each of ``sizes``, each exactly what :func:`load_radiograph` gives
+    at that size. A JPEG is decoded once per size (its draft, a decode at a reduced scale, depends on the size,
+    and so do the pixels); any other file once."""
     data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
-    return fit_to_square(decode_grayscale(data, max_megapixels, draft_size=size), size)
+    if is_jpeg(data):
+        return [fit_to_square(decode_grayscale(data, max_megapixels, draft_size=size), size) for size in sizes]
+    gray = decode_grayscale(data, max_megapixels)
+    return [fit_to_square(gray, size) for size in sizes]
 
 
 def decode_grayscale(data: bytes, max_megapixels: float = 64.0, draft_size: int | None = None) -> Image.Image:
@@ -70,6 +84,11 @@ def fit_to_square(image: Image.Image, size: int) -> np.ndarray:
     top, left = (size - new_h) // 2, (size - new_w) // 2
     canvas[top:top + new_h, left:left + new_w] = np.asarray(resized, dtype=np.uint8)
     return canvas
+
+
+def is_jpeg(data: bytes) -> bool:
+    """JPEG files start with an SOI marker and another marker (what PIL itself checks)."""
+    return data[:3] == b"\xff\xd8\xff"
 
 
 def is_dicom(data: bytes) -> bool:

@@ -24,7 +24,7 @@ from torch import nn
 
 from boneage.bundle import LoadedBundle, load_bundle, resolve
 from boneage.config import ServeConfig
-from boneage.imaging import decode_grayscale, fit_to_square, is_dicom
+from boneage.imaging import is_dicom, load_radiograph_sizes
 from boneage.model import BoneAgeNet
 from boneage.precision import autocast_for, describe, resolve_precision
 
@@ -73,19 +73,20 @@ class BoneAgePredictor:
     """A loaded bundle ready to answer: ``predict`` for batches, ``explain`` for one image with Grad-CAM."""
 
     def __init__(self, bundle: LoadedBundle, overlay_size: int = 384, max_megapixels: float = 64.0,
-                 precision: str = "auto"):
+                 precision: str = "auto", device: str = "cpu"):
         self.bundle = bundle
         self.image_size = bundle.meta.image_size
         self.overlay_size = overlay_size
         self.max_megapixels = max_megapixels
         explain_net = copy.deepcopy(bundle.model).eval()  # fp32, contiguous: Grad-CAM as pytorch-grad-cam computes it
-        self.model = bundle.model.eval().to(memory_format=torch.channels_last)
+        self.device = torch.device(device)  # of predictions (bulk scoring on GPU actors); Grad-CAM stays on the CPU
+        self.model = bundle.model.eval().to(self.device, memory_format=torch.channels_last)
         # bf16 answers differ from fp32 by about 0.1 month (at most 0.3 in a trained model's 64 phantoms) and do
         # not depend on what else is in the batch; on AMX CPUs a batch of 32 costs 3 ms per image against 15 ms
         # for one image in fp32, which is what makes batching pay.
-        self._autocast = autocast_for(torch.device("cpu"), precision, "predict")
-        self.precision = resolve_precision(precision, torch.device("cpu"), "predict")  # bf16 | fp32
-        self.computes_in = describe(torch.device("cpu"), precision, "predict")  # for logs and /v1/model
+        self._autocast = autocast_for(self.device, precision, "predict")
+        self.precision = resolve_precision(precision, self.device, "predict")  # bf16 | fp32
+        self.computes_in = describe(self.device, precision, "predict")  # for logs and /v1/model
         # Grad-CAM needs gradients only above its target layer, in the top block: the four blocks below run
         # without building a graph, so an explanation costs about one forward pass, not forward plus backward.
         explain_net.freeze_bottom_blocks(len(explain_net.stages) - 1)
@@ -104,18 +105,18 @@ class BoneAgePredictor:
                    precision=settings.precision)
 
     def decode(self, data: bytes) -> Radiograph:
-        """File bytes (PNG, JPEG or DICOM) -> both canvases; raises ``ImageRejected`` with a reason code."""
-        gray = decode_grayscale(data, self.max_megapixels, draft_size=max(self.image_size, self.overlay_size))
-        return Radiograph(fit_to_square(gray, self.image_size), fit_to_square(gray, self.overlay_size),
-                          dicom_patient_sex(data) if is_dicom(data) else None)
+        """File bytes (PNG, JPEG or DICOM) -> both canvases, the model's exactly as prepare frames the file
+        (:func:`~boneage.imaging.load_radiograph`); raises ``ImageRejected`` with a reason code."""
+        canvas, display = load_radiograph_sizes(data, (self.image_size, self.overlay_size), self.max_megapixels)
+        return Radiograph(canvas, display, dicom_patient_sex(data) if is_dicom(data) else None)
 
     @torch.inference_mode()
     def predict(self, canvases: np.ndarray, male: np.ndarray) -> np.ndarray:
         """``canvases`` (B, S, S) uint8 and ``male`` (B,) bool -> bone ages (B,) in months."""
-        images = torch.from_numpy(canvases).unsqueeze(1)  # (B, 1, S, S) uint8: the model scales it
+        images = torch.from_numpy(canvases).unsqueeze(1).to(self.device)  # (B, 1, S, S) uint8: the model scales it
         with self._autocast:
-            standardised = self.model(images, torch.from_numpy(male.astype(np.float32)))  # (B,)
-        return self.bundle.to_months(standardised.float()).numpy().astype(np.float64)
+            standardised = self.model(images, torch.from_numpy(male.astype(np.float32)).to(self.device))  # (B,)
+        return self.bundle.to_months(standardised.float().cpu()).numpy().astype(np.float64)
 
     def explain(self, radiograph: Radiograph, male: bool) -> Explanation:
         """The bone age (exactly what :meth:`predict` answers) and its Grad-CAM heat map, blended over the display

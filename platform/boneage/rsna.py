@@ -100,8 +100,12 @@ def detect_format(columns: list[str]) -> LabelFormat:
     raise LabelsError(f"unknown labels header {','.join(cleaned)!r}; supported headers are {supported}")
 
 
-def read_labels(labels: str | Path, images: str | Path) -> LabelTable:
-    """Read a labels file, match each row to ``<id>.<ext>`` anywhere under ``images``, and validate it."""
+def read_labels(labels: str | Path, images: str | Path, blank_sex: bool = False) -> LabelTable:
+    """Read a labels file, match each row to ``<id>.<ext>`` anywhere under ``images``, and validate it.
+
+    With ``blank_sex`` a row whose sex cell is empty is kept with ``male`` missing (``<NA>``, in a nullable
+    boolean column), for a reader that can take sex from elsewhere (bulk scoring: the DICOM header); without it
+    such a row is rejected as ``bad_sex``, like any unreadable sex."""
     raw = _read_raw(Path(labels))
     fmt = detect_format(list(raw.columns))
     raw.columns = list(fmt.header)
@@ -114,13 +118,14 @@ def read_labels(labels: str | Path, images: str | Path) -> LabelTable:
     for row, is_duplicate in zip(rows.itertuples(index=False), duplicated, strict=True):
         paths = index.get(row.id, [])
         path = str(paths[0]) if len(paths) == 1 else ""
-        reason = _row_reason(row, fmt, paths, is_duplicate, counts, Path(images))
+        reason = _row_reason(row, fmt, paths, is_duplicate, counts, Path(images), blank_sex)
         if reason:
             rejects.append((row.id, path, reason))
         else:
             table.append((row.id, path, row.boneage, row.male, fmt.name))
     return LabelTable(
-        table=pd.DataFrame(table, columns=TABLE_COLUMNS).astype({"boneage": "float64", "male": "bool"}),
+        table=pd.DataFrame(table, columns=TABLE_COLUMNS).astype({"boneage": "float64",
+                                                                 "male": "boolean" if blank_sex else "bool"}),
         rejects=pd.DataFrame(rejects, columns=REJECT_COLUMNS),
         format=fmt,
         source=Path(labels),
@@ -192,11 +197,12 @@ def _normalise_id(value: str) -> str:
 
 
 def _row_reason(row, fmt: LabelFormat, paths: list[Path], is_duplicate: bool, counts: pd.Series,
-                images: Path) -> str:
+                images: Path, blank_sex: bool) -> str:
     """Why a label row cannot be used, or "" when it can."""
     if is_duplicate:
         return f"{REJECT_DUPLICATE_ID}: id {row.id} appears {counts[row.id]} times"
-    if row.male is None or (isinstance(row.male, float) and math.isnan(row.male)):
+    unreadable_sex = row.male is None or (isinstance(row.male, float) and math.isnan(row.male))
+    if unreadable_sex and not (blank_sex and row.sex_text == ""):
         allowed = "/".join(fmt.sex_values)
         return f"{REJECT_BAD_SEX}: {fmt.sex_column}={row.sex_text!r} is not one of {allowed} (any case)"
     if fmt.labeled:
