@@ -24,7 +24,7 @@ import numpy as np
 import pydicom
 import torch
 from PIL import Image
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM
 from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from torch import nn
@@ -101,22 +101,24 @@ class ExplainerSpec:
         return min(i for i, stage in enumerate(net.stages) if stage.name in self.blocks)
 
 
-# The candidates of the pointing-game comparison (bench/results/localisation.json). "gradcam-block5" was the
-# method until issue 14: at 32 px its map is 2x2, and its peak fell in the film's corners.
+# The candidates of the pointing-game comparison (bench/results/localisation.json), named
+# <method>-<blocks>[-raw][-masked]. "gradcam-block5" was the method until issue 14: at the demo's 32 px its map is
+# 2x2 cells, and its peak fell in the film's corners and border.
 EXPLAINERS: dict[str, ExplainerSpec] = {
     "gradcam-block5": ExplainerSpec(GradCAM, ("block5",)),
     "gradcam-block5-raw": ExplainerSpec(GradCAM, ("block5",), target="raw"),
-    "gradcam-block4": ExplainerSpec(GradCAM, ("block4",)),
     "gradcam-block3": ExplainerSpec(GradCAM, ("block3",)),
-    "hirescam-block4": ExplainerSpec(HiResCAM, ("block4",)),
+    "gradcam-block2+3": ExplainerSpec(GradCAM, ("block2", "block3")),
     "hirescam-block3": ExplainerSpec(HiResCAM, ("block3",)),
+    "hirescam-block2": ExplainerSpec(HiResCAM, ("block2",)),
     "gradcam++-block4": ExplainerSpec(GradCAMPlusPlus, ("block4",)),
-    "xgradcam-block4": ExplainerSpec(XGradCAM, ("block4",)),
-    "layercam-block4": ExplainerSpec(LayerCAM, ("block4",)),
     "layercam-block3": ExplainerSpec(LayerCAM, ("block3",)),
-    "layercam-block3-5": ExplainerSpec(LayerCAM, ("block3", "block4", "block5")),
+    "layercam-block3-raw": ExplainerSpec(LayerCAM, ("block3",), target="raw"),
+    "layercam-block2+3": ExplainerSpec(LayerCAM, ("block2", "block3")),
+    "layercam-block2+3-raw": ExplainerSpec(LayerCAM, ("block2", "block3"), target="raw"),
+    "layercam-block2+3-raw-masked": ExplainerSpec(LayerCAM, ("block2", "block3"), target="raw", mask_padding=True),
 }
-DEFAULT_EXPLAINER = "gradcam-block5"
+DEFAULT_EXPLAINER = "layercam-block2+3-raw"
 HEATMAP_BATCH = 32  # images per Grad-CAM pass: bounds the activations kept for the backward pass
 
 
