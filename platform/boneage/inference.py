@@ -118,7 +118,7 @@ EXPLAINERS: dict[str, ExplainerSpec] = {
     "layercam-block2+3-raw": ExplainerSpec(LayerCAM, ("block2", "block3"), target="raw"),
     "layercam-block2+3-raw-masked": ExplainerSpec(LayerCAM, ("block2", "block3"), target="raw", mask_padding=True),
 }
-DEFAULT_EXPLAINER = "layercam-block2+3-raw"
+DEFAULT_EXPLAINER = "layercam-block3-raw"
 HEATMAP_BATCH = 32  # images per Grad-CAM pass: bounds the activations kept for the backward pass
 
 
