@@ -282,6 +282,8 @@ class ServeConfig:
     precision: Literal["auto", "bf16", "fp32"] = setting(
         "auto", doc="predictions in bf16 (auto: on GPUs and on CPUs with bf16 instructions, AMX or avx512_bf16, "
                     "where they run faster; fp32 on other CPUs); Grad-CAM heat maps are always fp32")
+    explainer: str = setting("", doc="heat-map method of /v1/explain, a name in boneage.inference.EXPLAINERS (empty: "
+                                     "DEFAULT_EXPLAINER, the one that finds the hand on phantoms)")
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,16 +74,36 @@ def decode_grayscale(data: bytes, max_megapixels: float = 64.0, draft_size: int 
     return _decode_pil(data, max_megapixels, draft_size)
 
 
-def fit_to_square(image: Image.Image, size: int) -> np.ndarray:
-    """Scale the longest side to ``size`` keeping the aspect ratio, centre on a black canvas: ``(size, size)`` uint8."""
-    width, height = image.size
+@dataclass(frozen=True)
+class SquareFit:
+    """Where :func:`fit_to_square` puts an image on its canvas: the resized image's size and its top-left corner."""
+
+    width: int  # of the resized image, canvas pixels
+    height: int
+    left: int  # black padding left of it
+    top: int  # black padding above it
+
+    def to_canvas(self, boxes: np.ndarray, image_width: int, image_height: int) -> np.ndarray:
+        """Boxes ``(K, 4)`` x0, y0, x1, y1 in the original image's pixel coordinates -> the same in canvas
+        coordinates (float: the edges of pixel areas, so a box covering pixels 0..9 is 0, 10)."""
+        scale = np.array([self.width / image_width, self.height / image_height] * 2)
+        return np.asarray(boxes, dtype=np.float64) * scale + np.array([self.left, self.top] * 2)
+
+
+def square_fit(width: int, height: int, size: int) -> SquareFit:
+    """The one place for the canvas geometry: longest side to ``size``, aspect ratio kept, centred."""
     scale = size / max(width, height)
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    return SquareFit(new_w, new_h, (size - new_w) // 2, (size - new_h) // 2)
+
+
+def fit_to_square(image: Image.Image, size: int) -> np.ndarray:
+    """Scale the longest side to ``size`` keeping the aspect ratio, centre on a black canvas: ``(size, size)`` uint8."""
+    fit = square_fit(*image.size, size)
     # reducing_gap: integer box-reduction first, then bilinear; near-identical output, several times faster.
-    resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    resized = image.resize((fit.width, fit.height), Image.Resampling.BILINEAR, reducing_gap=3.0)
     canvas = np.zeros((size, size), dtype=np.uint8)
-    top, left = (size - new_h) // 2, (size - new_w) // 2
-    canvas[top:top + new_h, left:left + new_w] = np.asarray(resized, dtype=np.uint8)
+    canvas[fit.top:fit.top + fit.height, fit.left:fit.left + fit.width] = np.asarray(resized, dtype=np.uint8)
     return canvas
 
 

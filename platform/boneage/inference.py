@@ -5,6 +5,11 @@ The Serve deployment, the plain FastAPI server of the latency benchmark and offl
 Grad-CAM (pytorch-grad-cam) works by hooks on a layer. Hooks on the model that serves predictions would record
 every batch that passes, so explanations run on a private copy of the model, one at a time under a lock: two
 concurrent requests can never mix their activations or gradients, and predictions never see a hook.
+
+Heat-map methods are named (:data:`EXPLAINERS`): a pytorch-grad-cam class, the conv blocks it reads, the regression
+target and whether the black padding is masked. :data:`DEFAULT_EXPLAINER` is the one that finds the hand: the
+pointing game on phantoms, whose age-bearing structures are known (``bench/localisation.py``,
+``boneage.localisation``), chose it.
 """
 
 from __future__ import annotations
@@ -13,17 +18,20 @@ import copy
 import io
 import threading
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pydicom
 import torch
 from PIL import Image
-from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM
+from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from torch import nn
 
 from boneage.bundle import LoadedBundle, load_bundle, resolve
 from boneage.config import ServeConfig
+from boneage.errors import JobError
 from boneage.imaging import is_dicom, load_radiograph_sizes
 from boneage.model import BoneAgeNet
 from boneage.precision import autocast_for, describe, resolve_precision
@@ -69,11 +77,80 @@ class BoneAgeTarget:
         return output[0].abs()
 
 
+class RawOutputTarget:
+    """The standardised estimate itself: evidence for an older hand only (a candidate, compared in the bench)."""
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        return output[0]
+
+
+TARGETS = {"abs": BoneAgeTarget, "raw": RawOutputTarget}
+
+
+@dataclass(frozen=True)
+class ExplainerSpec:
+    """A heat-map method: a pytorch-grad-cam class reading the last activation of some conv blocks."""
+
+    cam: type[BaseCAM]  # GradCAM, HiResCAM, LayerCAM, ...
+    blocks: tuple[str, ...]  # the stages whose last activation it reads (several: pytorch-grad-cam averages them)
+    target: Literal["abs", "raw"] = "abs"  # |standardised output| (BoneAgeTarget) or the output (RawOutputTarget)
+    mask_padding: bool = False  # zero the map on the canvas's black padding (fit_to_square's border), rescale
+
+    def lowest_block(self, net: BoneAgeNet) -> int:
+        """Index of the lowest stage it reads: the stages below it need no graph."""
+        return min(i for i, stage in enumerate(net.stages) if stage.name in self.blocks)
+
+
+# The candidates of the pointing-game comparison (bench/results/localisation.json), named
+# <method>-<blocks>[-raw][-masked]. "gradcam-block5" was the method until issue 14: at the demo's 32 px its map is
+# 2x2 cells, and its peak fell in the film's corners and border.
+EXPLAINERS: dict[str, ExplainerSpec] = {
+    "gradcam-block5": ExplainerSpec(GradCAM, ("block5",)),
+    "gradcam-block5-raw": ExplainerSpec(GradCAM, ("block5",), target="raw"),
+    "gradcam-block3": ExplainerSpec(GradCAM, ("block3",)),
+    "gradcam-block2+3": ExplainerSpec(GradCAM, ("block2", "block3")),
+    "hirescam-block3": ExplainerSpec(HiResCAM, ("block3",)),
+    "hirescam-block2": ExplainerSpec(HiResCAM, ("block2",)),
+    "gradcam++-block4": ExplainerSpec(GradCAMPlusPlus, ("block4",)),
+    "layercam-block3": ExplainerSpec(LayerCAM, ("block3",)),
+    "layercam-block3-raw": ExplainerSpec(LayerCAM, ("block3",), target="raw"),
+    "layercam-block2+3": ExplainerSpec(LayerCAM, ("block2", "block3")),
+    "layercam-block2+3-raw": ExplainerSpec(LayerCAM, ("block2", "block3"), target="raw"),
+    "layercam-block2+3-raw-masked": ExplainerSpec(LayerCAM, ("block2", "block3"), target="raw", mask_padding=True),
+}
+DEFAULT_EXPLAINER = "layercam-block3-raw"
+HEATMAP_BATCH = 32  # images per Grad-CAM pass: bounds the activations kept for the backward pass
+
+
+def explainer(name: str) -> ExplainerSpec:
+    """The heat-map method called ``name``; unknown names fail listing the known ones."""
+    if name not in EXPLAINERS:
+        raise UnknownExplainer(f"unknown explainer {name!r} (serve.explainer); choose one of: {', '.join(EXPLAINERS)}")
+    return EXPLAINERS[name]
+
+
+class UnknownExplainer(JobError, ValueError):
+    """An explainer name that :data:`EXPLAINERS` does not hold."""
+
+
+def padding_mask(canvases: np.ndarray) -> np.ndarray:
+    """(B, S, S) bool, True inside the image: fit_to_square pads with whole black rows or columns at the edges,
+    so the image is the box from the first to the last row and column with any non-black pixel."""
+    mask = np.zeros(canvases.shape, dtype=bool)
+    for canvas, keep in zip(canvases, mask):
+        rows, cols = np.flatnonzero(canvas.any(axis=1)), np.flatnonzero(canvas.any(axis=0))
+        if rows.size:
+            keep[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = True
+        else:
+            keep[:] = True  # an all-black canvas: nothing to tell apart
+    return mask
+
+
 class BoneAgePredictor:
     """A loaded bundle ready to answer: ``predict`` for batches, ``explain`` for one image with Grad-CAM."""
 
     def __init__(self, bundle: LoadedBundle, overlay_size: int = 384, max_megapixels: float = 64.0,
-                 precision: str = "auto", device: str = "cpu"):
+                 precision: str = "auto", device: str = "cpu", explainer_name: str = DEFAULT_EXPLAINER):
         self.bundle = bundle
         self.image_size = bundle.meta.image_size
         self.overlay_size = overlay_size
@@ -87,13 +164,8 @@ class BoneAgePredictor:
         self._autocast = autocast_for(self.device, precision, "predict")
         self.precision = resolve_precision(precision, self.device, "predict")  # bf16 | fp32
         self.computes_in = describe(self.device, precision, "predict")  # for logs and /v1/model
-        # Grad-CAM needs gradients only above its target layer, in the top block: the four blocks below run
-        # without building a graph, so an explanation costs about one forward pass, not forward plus backward.
-        explain_net.freeze_bottom_blocks(len(explain_net.stages) - 1)
+        self.explainer_name = explainer(explainer_name) and explainer_name  # checked here, not on the first request
         self._explainer = _SexConditioned(explain_net)
-        # The top block's last activation: the finest map that still sees the whole hand (S/16 per side).
-        target_layer = explain_net.get_submodule(explain_net.stages[-1].activation)
-        self._cam = GradCAM(model=self._explainer, target_layers=[target_layer])
         self._cam_lock = threading.Lock()
 
     @classmethod
@@ -102,7 +174,7 @@ class BoneAgePredictor:
         checksum verified, with the service's overlay size and decompression-bomb guard."""
         return cls(load_bundle(resolve(settings.model_uri, settings.registry_root)),
                    overlay_size=settings.overlay_size, max_megapixels=settings.max_image_megapixels,
-                   precision=settings.precision)
+                   precision=settings.precision, explainer_name=settings.explainer or DEFAULT_EXPLAINER)
 
     def decode(self, data: bytes) -> Radiograph:
         """File bytes (PNG, JPEG or DICOM) -> both canvases, the model's exactly as prepare frames the file
@@ -119,14 +191,38 @@ class BoneAgePredictor:
         return self.bundle.to_months(standardised.float().cpu()).numpy().astype(np.float64)
 
     def explain(self, radiograph: Radiograph, male: bool) -> Explanation:
-        """The bone age (exactly what :meth:`predict` answers) and its Grad-CAM heat map, blended over the display
-        canvas as a PNG."""
-        image = torch.from_numpy(radiograph.canvas)[None, None]  # (1, 1, S, S) uint8: the model scales it
-        with self._cam_lock:  # one explanation at a time: the hooks and the sex input are per call
-            self._explainer.male = torch.tensor([float(male)])
-            heatmap = self._cam(input_tensor=image, targets=[BoneAgeTarget()])[0]  # (S, S) in [0, 1]
+        """The bone age (exactly what :meth:`predict` answers) and its heat map (the predictor's explainer),
+        blended over the display canvas as a PNG."""
+        heatmap = self.heatmaps(radiograph.canvas[None], np.array([male]))[0]  # (S, S) in [0, 1]
         months = float(self.predict(radiograph.canvas[None], np.array([male]))[0])
-        return Explanation(months, heatmap.astype(np.float32), self._overlay(radiograph.display, heatmap))
+        return Explanation(months, heatmap, self._overlay(radiograph.display, heatmap))
+
+    def heatmaps(self, canvases: np.ndarray, male: np.ndarray, method: str | None = None) -> np.ndarray:
+        """``canvases`` (B, S, S) uint8 and ``male`` (B,) bool -> heat maps (B, S, S) float32 in [0, 1], by the
+        explainer ``method`` names (default: the predictor's, which serving uses)."""
+        spec = explainer(method or self.explainer_name)
+        maps = [self._cam_batch(spec, canvases[i:i + HEATMAP_BATCH], male[i:i + HEATMAP_BATCH])
+                for i in range(0, len(canvases), HEATMAP_BATCH)]
+        heat = np.concatenate(maps) if maps else np.zeros(canvases.shape, dtype=np.float32)
+        if spec.mask_padding:
+            heat = heat * padding_mask(canvases)
+            heat = heat / np.maximum(heat.max(axis=(1, 2), keepdims=True), 1e-7)
+        return heat.astype(np.float32)
+
+    def _cam_batch(self, spec: ExplainerSpec, canvases: np.ndarray, male: np.ndarray) -> np.ndarray:
+        net = self._explainer.net
+        images = torch.from_numpy(canvases).unsqueeze(1)  # (B, 1, S, S) uint8: the model scales it
+        with self._cam_lock:  # one explanation at a time: the hooks, the frozen blocks and the sex input are per call
+            self._explainer.male = torch.from_numpy(np.asarray(male, dtype=np.float32))
+            # Gradients are needed only above the lowest block the method reads: the blocks below run without
+            # building a graph, so a top-block map costs about one forward pass, not forward plus backward.
+            net.freeze_bottom_blocks(spec.lowest_block(net))
+            layers = [net.get_submodule(stage.activation) for stage in net.stages if stage.name in spec.blocks]
+            cam = spec.cam(model=self._explainer, target_layers=layers)
+            try:  # not `with cam`: its __exit__ swallows an IndexError
+                return cam(input_tensor=images, targets=[TARGETS[spec.target]()] * len(canvases))
+            finally:
+                cam.activations_and_grads.release()  # hooks off: the next call may read other layers
 
     def _overlay(self, display: np.ndarray, heatmap: np.ndarray) -> bytes:
         size = display.shape[0]
