@@ -53,16 +53,23 @@ def two_node_cluster(session_temp):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def submit(env: dict, dashboard: str, *entrypoint: str, timeout: float = 600) -> str:
+    """``ray job submit --working-dir . -- <entrypoint>`` as the README says; its output, after checking it passed."""
+    done = ray_cli(env, "job", "submit", "--address", dashboard, "--working-dir", ".", "--", *entrypoint,
+                   timeout=timeout)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    return output
+
+
 def test_job_submit_trains_on_two_nodes(two_node_cluster, prepared_dir, tmp_path):
     env, dashboard = two_node_cluster
-    submit = ray_cli(
-        env, "job", "submit", "--address", dashboard, "--working-dir", ".", "--",
-        "python", "jobs/train.py", "--config", "configs/demo.yaml", "--set", f"data.out={prepared_dir}",
+    output = submit(
+        env, dashboard, "python", "jobs/train.py", "--config", "configs/demo.yaml", "--set",
+        f"data.out={prepared_dir}",
         "train.num_workers=2", "train.placement_strategy=STRICT_SPREAD", "train.epochs=1", "train.batch_size=8",
         "train.threads_per_worker=1", "model.head=[16]", f"train.storage_path={tmp_path / 'runs'}",
         f"registry.root={tmp_path / 'registry'}", timeout=900)
-    output = submit.stdout + submit.stderr
-    assert submit.returncode == 0, output
     assert "training on 2 worker(s) across 2 node(s)" in output
     assert "val_mae" in output and "best epoch 1: val MAE" in output
     bundle = Path(next(line for line in output.splitlines() if line.startswith("bundle: ")).split(": ", 1)[1])
@@ -73,14 +80,25 @@ def test_job_submit_predicts_on_the_cluster(two_node_cluster, phantom_dir, tmp_p
     env, dashboard = two_node_cluster
     bundle = make_bundle(tmp_path / "bundle", size=32)[0]
     out = tmp_path / "predictions.csv"
-    submit = ray_cli(
-        env, "job", "submit", "--address", dashboard, "--working-dir", ".", "--",
-        "python", "jobs/predict.py", "--config", "configs/predict.yaml", "--set", f"predict.bundle={bundle}",
+    output = submit(
+        env, dashboard, "python", "jobs/predict.py", "--config", "configs/predict.yaml", "--set",
+        f"predict.bundle={bundle}",
         f"predict.labels={phantom_dir / 'boneage-training-dataset.csv'}", f"predict.images={phantom_dir}",
         f"predict.out={out}", "predict.actors=2", "predict.batch_size=16", timeout=600)
-    output = submit.stdout + submit.stderr
-    assert submit.returncode == 0, output
     assert "scored 60 images (60 with a true age)" in output
     assert f"predictions: {out}" in output.splitlines()
     predictions = pd.read_csv(out)
     assert len(predictions) == 60 and list(predictions.columns) == ["id", "sex", "bone_age_months", "boneage"]
+
+
+def test_job_submit_evaluates_on_the_cluster(two_node_cluster, prepared_dir, tmp_path):
+    env, dashboard = two_node_cluster
+    bundle = make_bundle(tmp_path / "bundle", size=32)[0]
+    out = tmp_path / "evaluation"
+    output = submit(
+        env, dashboard, "python", "jobs/evaluate.py", "--config", "configs/evaluate.yaml", "--set",
+        f"eval.bundle={bundle}",
+        f"eval.data={prepared_dir}", "eval.split=test", f"eval.out={out}", "eval.actors=2",
+        "eval.bootstrap_resamples=100", "eval.gallery_cases=1", timeout=600)
+    assert f"report: {out / 'report.html'}" in output.splitlines()
+    assert (out / "metrics.json").is_file() and (out / "report.html").is_file()

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import signal
 import socket
@@ -33,6 +34,8 @@ import yaml
 
 import boneage
 from boneage.errors import JobError
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = Path("outputs/ray-cluster.json")
 # Ray starts a raylet's workers on ports 10002-19999 by default: the head's own ports must stay outside them.
@@ -361,6 +364,16 @@ def _run(args: argparse.Namespace) -> None:
     else:
         cluster = require_cluster(args.state)
         print(cluster.dashboard_url if args.command == "address" else service_url(cluster))
+
+
+def connect_to_ray() -> None:
+    """Join the Ray cluster (``RAY_ADDRESS``, the one this job was submitted to, or a new local one) unless this
+    process already has. Here, not in boneage.train: a job that only scores need not import Ray Train (4 s)."""
+    import ray
+
+    if not ray.is_initialized():
+        log.info("connecting to the Ray cluster ...")
+        ray.init()
 
 
 if __name__ == "__main__":

@@ -24,9 +24,6 @@ import numpy as np
 import pydicom
 import torch
 from PIL import Image
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM
-from pytorch_grad_cam.base_cam import BaseCAM
-from pytorch_grad_cam.utils.image import show_cam_on_image
 from torch import nn
 
 from boneage.bundle import LoadedBundle, load_bundle, resolve
@@ -91,10 +88,18 @@ TARGETS = {"abs": BoneAgeTarget, "raw": RawOutputTarget}
 class ExplainerSpec:
     """A heat-map method: a pytorch-grad-cam class reading the last activation of some conv blocks."""
 
-    cam: type[BaseCAM]  # GradCAM, HiResCAM, LayerCAM, ...
+    cam: str  # the pytorch_grad_cam class: GradCAM, HiResCAM, LayerCAM, ...
     blocks: tuple[str, ...]  # the stages whose last activation it reads (several: pytorch-grad-cam averages them)
     target: Literal["abs", "raw"] = "abs"  # |standardised output| (BoneAgeTarget) or the output (RawOutputTarget)
     mask_padding: bool = False  # zero the map on the canvas's black padding (fit_to_square's border), rescale
+
+    def method(self, model: nn.Module, layers: list[nn.Module]):
+        """The pytorch-grad-cam object reading ``layers`` of ``model``. Imported here: pytorch-grad-cam takes about
+        4 s to import (OpenCV), and a predictor that only predicts (a scoring actor, a replica before its first
+        explanation) never needs it."""
+        import pytorch_grad_cam
+
+        return getattr(pytorch_grad_cam, self.cam)(model=model, target_layers=layers)
 
     def lowest_block(self, net: BoneAgeNet) -> int:
         """Index of the lowest stage it reads: the stages below it need no graph."""
@@ -105,18 +110,18 @@ class ExplainerSpec:
 # <method>-<blocks>[-raw][-masked]. "gradcam-block5" was the method until issue 14: at the demo's 32 px its map is
 # 2x2 cells, and its peak fell in the film's corners and border.
 EXPLAINERS: dict[str, ExplainerSpec] = {
-    "gradcam-block5": ExplainerSpec(GradCAM, ("block5",)),
-    "gradcam-block5-raw": ExplainerSpec(GradCAM, ("block5",), target="raw"),
-    "gradcam-block3": ExplainerSpec(GradCAM, ("block3",)),
-    "gradcam-block2+3": ExplainerSpec(GradCAM, ("block2", "block3")),
-    "hirescam-block3": ExplainerSpec(HiResCAM, ("block3",)),
-    "hirescam-block2": ExplainerSpec(HiResCAM, ("block2",)),
-    "gradcam++-block4": ExplainerSpec(GradCAMPlusPlus, ("block4",)),
-    "layercam-block3": ExplainerSpec(LayerCAM, ("block3",)),
-    "layercam-block3-raw": ExplainerSpec(LayerCAM, ("block3",), target="raw"),
-    "layercam-block2+3": ExplainerSpec(LayerCAM, ("block2", "block3")),
-    "layercam-block2+3-raw": ExplainerSpec(LayerCAM, ("block2", "block3"), target="raw"),
-    "layercam-block2+3-raw-masked": ExplainerSpec(LayerCAM, ("block2", "block3"), target="raw", mask_padding=True),
+    "gradcam-block5": ExplainerSpec("GradCAM", ("block5",)),
+    "gradcam-block5-raw": ExplainerSpec("GradCAM", ("block5",), target="raw"),
+    "gradcam-block3": ExplainerSpec("GradCAM", ("block3",)),
+    "gradcam-block2+3": ExplainerSpec("GradCAM", ("block2", "block3")),
+    "hirescam-block3": ExplainerSpec("HiResCAM", ("block3",)),
+    "hirescam-block2": ExplainerSpec("HiResCAM", ("block2",)),
+    "gradcam++-block4": ExplainerSpec("GradCAMPlusPlus", ("block4",)),
+    "layercam-block3": ExplainerSpec("LayerCAM", ("block3",)),
+    "layercam-block3-raw": ExplainerSpec("LayerCAM", ("block3",), target="raw"),
+    "layercam-block2+3": ExplainerSpec("LayerCAM", ("block2", "block3")),
+    "layercam-block2+3-raw": ExplainerSpec("LayerCAM", ("block2", "block3"), target="raw"),
+    "layercam-block2+3-raw-masked": ExplainerSpec("LayerCAM", ("block2", "block3"), target="raw", mask_padding=True),
 }
 DEFAULT_EXPLAINER = "layercam-block3-raw"
 HEATMAP_BATCH = 32  # images per Grad-CAM pass: bounds the activations kept for the backward pass
@@ -218,13 +223,15 @@ class BoneAgePredictor:
             # building a graph, so a top-block map costs about one forward pass, not forward plus backward.
             net.freeze_bottom_blocks(spec.lowest_block(net))
             layers = [net.get_submodule(stage.activation) for stage in net.stages if stage.name in spec.blocks]
-            cam = spec.cam(model=self._explainer, target_layers=layers)
+            cam = spec.method(self._explainer, layers)
             try:  # not `with cam`: its __exit__ swallows an IndexError
                 return cam(input_tensor=images, targets=[TARGETS[spec.target]()] * len(canvases))
             finally:
                 cam.activations_and_grads.release()  # hooks off: the next call may read other layers
 
     def _overlay(self, display: np.ndarray, heatmap: np.ndarray) -> bytes:
+        from pytorch_grad_cam.utils.image import show_cam_on_image  # see ExplainerSpec.method
+
         size = display.shape[0]
         big = np.asarray(Image.fromarray(heatmap.astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR))
         rgb = np.repeat(display[..., None], 3, axis=2).astype(np.float32) / 255.0  # (D, D, 3)

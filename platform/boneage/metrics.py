@@ -222,14 +222,14 @@ class EvaluationMetrics:
         return write_json(Path(folder) / METRICS_FILE, dataclasses.asdict(self))
 
     @classmethod
-    def load(cls, folder: str | Path, localisation_type: type | None = None) -> EvaluationMetrics:
-        """Read ``metrics.json`` of ``folder``. Localisation rows become ``localisation_type`` (by default
-        :class:`boneage.localisation.LocalisationScore`)."""
+    def load(cls, folder: str | Path) -> EvaluationMetrics:
+        """Read ``metrics.json`` of ``folder``; localisation rows become
+        :class:`boneage.localisation.LocalisationScore`."""
         path = Path(folder) / METRICS_FILE
         values = json.loads(path.read_text())
         if values.get("format") != METRICS_FORMAT or any(f.name not in values for f in dataclasses.fields(cls)):
             raise MetricsError(f"{path} is not a metrics.json of format {METRICS_FORMAT}: re-run the evaluation")
-        row_type = localisation_type or (_localisation_score() if values["localisation"] else None)
+        row_type = _localisation_score() if values["localisation"] else None
         return cls(mae=values["mae"], mae_ci=ConfidenceInterval(**values["mae_ci"]),
                    overall=_comparison(values["overall"]),
                    by_sex={key: _comparison(value) for key, value in values["by_sex"].items()},

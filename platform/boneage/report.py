@@ -97,6 +97,13 @@ def _img(png: bytes, alt: str) -> str:
 
 
 def _scatter(known: pd.DataFrame) -> str:
+    caption = ("Predicted against true bone age, one dot per image, coloured by sex. Dots on the dashed line are "
+               "exact; dots above it are answers older than the truth.")
+    return _figure("scatter", _img(scatter_png(known), "predicted against true bone age"), caption)
+
+
+def scatter_png(known: pd.DataFrame) -> bytes:
+    """The predicted-against-true figure (identity line, coloured by sex) of scored rows with a true age, as PNG."""
     figure = Figure(figsize=(5.2, 5.2))
     axes = figure.add_subplot()
     top = max(240.0, float(known[["boneage", "bone_age_months"]].max().max()) if len(known) else 0.0)
@@ -109,9 +116,7 @@ def _scatter(known: pd.DataFrame) -> str:
              ylabel="Predicted bone age (months)")
     axes.legend(loc="upper left", fontsize=8)
     axes.grid(alpha=0.3)
-    caption = ("Predicted against true bone age, one dot per image, coloured by sex. Dots on the dashed line are "
-               "exact; dots above it are answers older than the truth.")
-    return _figure("scatter", _img(_png(figure), "predicted against true bone age"), caption)
+    return _png(figure)
 
 
 def _bland_altman(known: pd.DataFrame) -> str:

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from boneage.artifacts import atomic_file, sha256_file, sha256_json
 from boneage.bundle import read_meta, resolve
+from boneage.cluster import connect_to_ray
 from boneage.config import ScoringConfig
 from boneage.dataset import images_from_column, read_manifest, split_names, split_path
 from boneage.errors import JobError
@@ -87,8 +88,6 @@ def score(settings: ScoringConfig, registry_root: str) -> ScoredSet:
     bundle = resolve(settings.bundle, registry_root).resolve()
     meta = read_meta(bundle)  # checks the weights' checksum
     inputs = collect_inputs(settings, meta.image_size)
-    from boneage.train import connect_to_ray  # here: Ray Train loads slowly, and only scoring needs it
-
     connect_to_ray()
     scored = _run_actors(inputs, settings, bundle)
     failed = scored["reason"] != ""

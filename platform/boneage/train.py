@@ -37,6 +37,7 @@ from ray.train.torch import TorchTrainer
 
 from boneage.artifacts import atomic_directory
 from boneage.bundle import BundleMeta, DataSource, TargetScale, promote_if_better, reference, register, write_bundle
+from boneage.cluster import connect_to_ray
 from boneage.config import Config, config_from_dict, derived_name, settings_fingerprint, to_dict
 from boneage.curves import TensorBoardCurves
 from boneage.dataset import batch_tensors, read_manifest, read_split
@@ -495,14 +496,6 @@ def learned_fingerprint(cfg: Config, manifest: dict[str, Any]) -> str:
 def storage_path(path: str) -> str:
     """Ray Train wants an absolute local path or a URI (s3://, gs://, ...)."""
     return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
-def connect_to_ray() -> None:
-    """Join the Ray cluster (``RAY_ADDRESS``, the one this job was submitted to, or a new local one) unless this
-    process already has."""
-    if not ray.is_initialized():
-        log.info("connecting to the Ray cluster ...")
-        ray.init()
 
 
 def _use_gpu(cfg: Config) -> bool:

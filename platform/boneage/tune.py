@@ -40,10 +40,11 @@ from ray.util.state import list_actors
 
 from boneage.artifacts import atomic_file
 from boneage.bundle import promote_if_better
+from boneage.cluster import connect_to_ray
 from boneage.config import Config, ConfigError, Role, config_from_dict, derived_name, keys_with, to_dict, with_overrides
 from boneage.dataset import read_manifest
 from boneage.errors import JobError
-from boneage.train import (REPORTED_METRICS, RunPlan, connect_to_ray, export_bundle, make_trainer, plan_run,
+from boneage.train import (REPORTED_METRICS, RunPlan, export_bundle, make_trainer, plan_run,
                            storage_path, waiting_for_workers)
 
 log = logging.getLogger(__name__)

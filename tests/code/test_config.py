@@ -186,7 +186,7 @@ def test_bad_includes_fail_naming_the_file(tmp_path, files, words):
     ("make_phantoms", ["phantoms"]), ("prepare", ["data"]), ("preview_augment", ["data", "augment"]),
     ("train", ["data", "model", "augment", "train", "registry"]),
     ("tune", ["data", "model", "augment", "train", "tune", "registry"]), ("query", ["query"]),
-    ("predict", ["predict", "registry"])])
+    ("predict", ["predict", "registry"]), ("evaluate", ["eval", "registry"])])
 def test_job_help_lists_every_setting_of_its_areas(job, areas, capsys):
     """``--help`` lists each key of the areas the job reads, with its documentation, one line each."""
     main = runpy.run_path(str(ROOT / "jobs" / f"{job}.py"), run_name="imported")["main"]

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from boneage.localisation import LocalisationScore
 from boneage.metrics import (AGE_BANDS, Agreement, BundleRef, DataRef, ErrorStats, EvaluationMetrics, MetricsError,
                              age_band, bootstrap_mae_ci, error_stats, evaluate_predictions, limits_of_agreement)
 
@@ -110,20 +110,9 @@ def test_predictions_without_the_needed_columns_are_refused():
         evaluate_predictions(predictions().drop(columns="boneage"), 100.0, 10, 0)
 
 
-@dataclass
-class Localisation:
-    """The fields of boneage.localisation.LocalisationScore."""
-
-    method: str
-    images: int
-    peak_in_box: float
-    random_point: float
-    mass_in_boxes: float
-    chosen: bool
-
-
 def test_metrics_json_round_trip_with_mae_first(tmp_path):
-    scores = [Localisation("gradcam", 40, 0.85, 0.3, 0.6, True), Localisation("hirescam", 40, 0.7, 0.3, 0.5, False)]
+    scores = [LocalisationScore("gradcam", 40, 0.85, 0.3, 0.6, True),
+              LocalisationScore("hirescam", 40, 0.7, 0.3, 0.5, False)]
     metrics = evaluate_predictions(predictions().iloc[:2], 100.0, 100, 4).with_sources(
         BundleRef("boneage:best", "/registry/boneage/3", "ab" * 32),
         DataRef(labels="labels.csv", images="images", fingerprint="f" * 64), rejected=2, localisation=scores)
@@ -134,7 +123,7 @@ def test_metrics_json_round_trip_with_mae_first(tmp_path):
                                                      "within_6": None, "within_12": None, "within_24": None,
                                                      "bias": None}
     assert raw["counts"] == {"scored": 2, "with_true_age": 2, "rejected": 2}
-    assert EvaluationMetrics.load(tmp_path, localisation_type=Localisation) == metrics
+    assert EvaluationMetrics.load(tmp_path) == metrics
 
 
 def test_a_metrics_json_of_another_format_is_refused(tmp_path):

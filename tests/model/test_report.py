@@ -6,30 +6,18 @@ from __future__ import annotations
 import base64
 import io
 import re
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
+from boneage.localisation import LocalisationScore
 from boneage.metrics import BundleRef, DataRef, evaluate_predictions
 from boneage.report import GalleryCase, build_report, pick_gallery_cases
 from helpers import headless_chromium
 
 FIGURES = ("scatter", "bland-altman", "error-by-band", "gallery", "augmentation-preview")
-
-
-@dataclass
-class Localisation:
-    """The fields of boneage.localisation.LocalisationScore."""
-
-    method: str
-    images: int
-    peak_in_box: float
-    random_point: float
-    mass_in_boxes: float
-    chosen: bool
 
 
 def png(size: int, seed: int) -> bytes:
@@ -61,8 +49,8 @@ def report(tmp_path):
     metrics = evaluate_predictions(predictions, training_mean=110.0, resamples=200, seed=0).with_sources(
         BundleRef("boneage:best", "/registry/boneage/3", "ab" * 32),
         DataRef(labels="labels.csv", images="images/", fingerprint="f" * 64), rejected=3,
-        localisation=[Localisation("gradcam", 40, 0.35, 0.2, 0.3, False),
-                      Localisation("hirescam-masked", 40, 0.85, 0.2, 0.6, True)])
+        localisation=[LocalisationScore("gradcam", 40, 0.35, 0.2, 0.3, False),
+                      LocalisationScore("hirescam-masked", 40, 0.85, 0.2, 0.6, True)])
     return build_report(metrics, predictions, gallery(predictions), png(64, 9), tmp_path)
 
 
