@@ -16,7 +16,8 @@ AREAS = ["predict", "registry"]
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_job_args(argv, description=__doc__, default_config="configs/predict.yaml", areas=AREAS,
                          uses_ray=True)
-    from boneage.scoring import reject_counts, score, write_predictions  # after the first line: torch loads slowly
+    from boneage.rsna import reject_counts
+    from boneage.scoring import score, write_predictions  # after the first line: torch loads slowly
 
     scored = score(cfg.predict, cfg.registry.root)
     predictions, rejects = write_predictions(scored, cfg.predict.out)

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,16 @@ def sha256_file(path: str | Path) -> str:
 def sha256_json(value: Any) -> str:
     """Hex SHA-256 of a JSON-serialisable value (keys sorted, so equal values hash equally)."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_listing(paths: Iterable[str | Path]) -> list[tuple[str, int, int]]:
+    """``(path, size, mtime_ns)`` of each file, sorted by path: what changes when a file is replaced, without
+    reading it (hashing every image of a large set would take minutes)."""
+    listing = []
+    for path in sorted(str(p) for p in paths):
+        stat = os.stat(path)
+        listing.append((path, stat.st_size, stat.st_mtime_ns))
+    return listing
 
 
 def code_version() -> dict[str, Any]:

@@ -366,6 +366,18 @@ def _run(args: argparse.Namespace) -> None:
         print(cluster.dashboard_url if args.command == "address" else service_url(cluster))
 
 
+def wants_gpu(use_gpu: str | bool, key: str) -> bool:
+    """A ``use_gpu`` setting (``key`` names it in messages): true/false as given, or for "auto" whether the cluster
+    this process is connected to has a GPU. Only asks: the caller connects first (:func:`connect_to_ray`)."""
+    if use_gpu == "auto":
+        import ray
+
+        if not ray.is_initialized():
+            raise RuntimeError(f"{key}=auto asks the Ray cluster whether it has a GPU: connect first")
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(use_gpu)
+
+
 def connect_to_ray() -> None:
     """Join the Ray cluster (``RAY_ADDRESS``, the one this job was submitted to, or a new local one) unless this
     process already has. Here, not in boneage.train: a job that only scores need not import Ray Train (4 s)."""

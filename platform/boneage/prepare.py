@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -35,13 +34,13 @@ from ray.data import DataContext, Datasink
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import WriteResult
 
-from boneage.artifacts import atomic_directory, code_version, sha256_file, sha256_json, write_json
+from boneage.artifacts import atomic_directory, code_version, file_listing, sha256_file, sha256_json, write_json
 from boneage.config import Config, DataConfig, Role, save_config, values_with
 from boneage.dataset import (CONFIG, MANIFEST, REJECTS, SPLIT_COLUMN, image_column, quiet_context, read_manifest,
                              split_path)
 from boneage.errors import JobError
 from boneage.imaging import PREPROCESSING, REJECT_UNDECODABLE, ImageRejected, load_radiograph
-from boneage.rsna import (REJECT_COLUMNS, REJECT_DUPLICATE_ID, LabelsError, LabelTable, read_labels,
+from boneage.rsna import (REJECT_COLUMNS, REJECT_DUPLICATE_ID, LabelsError, LabelTable, read_labels, reject_counts,
                           unlabeled_image_rejects)
 from boneage.splits import TEST, UNLABELED, assign_splits
 
@@ -213,7 +212,7 @@ def build_manifest(data: DataConfig, kept: pd.DataFrame, rejects: pd.DataFrame, 
                    "test_from": data.test_labels, "stratified_by": f"sex x {data.age_band_months}-month age band"},
         "label_statistics": {split: label_statistics(group) for split, group in kept.groupby("split")},
         "rejects": {"count": len(rejects), "fraction": len(rejects) / max(total, 1),
-                    "by_reason": rejects["reason"].str.split(":").str[0].value_counts().to_dict()},
+                    "by_reason": reject_counts(rejects)},
         "sources": sources,
         "code_version": code_version(),
     }
@@ -253,7 +252,7 @@ def _check_reject_fraction(rejects: pd.DataFrame, total: int, data: DataConfig, 
     report = out.with_name(f"{out.name}.rejects.csv")
     report.parent.mkdir(parents=True, exist_ok=True)
     rejects.to_csv(report, index=False)
-    reasons = rejects["reason"].str.split(":").str[0].value_counts().to_dict()
+    reasons = reject_counts(rejects)
     raise TooManyRejects(f"rejected {len(rejects)} of {total} rows ({fraction:.1%}), over the limit of "
                          f"{data.max_reject_fraction:.1%} (data.max_reject_fraction); by reason: {reasons}; "
                          f"every rejected row with its reason: {report}")
@@ -261,13 +260,7 @@ def _check_reject_fraction(rejects: pd.DataFrame, total: int, data: DataConfig, 
 
 def _describe_source(source: LabelTable) -> dict[str, Any]:
     """A labels file and its image folder: a content hash of the labels, a (path, size, mtime) digest of images."""
-    files = sorted(str(p) for paths in source.images.values() for p in paths)
-    listing = [(f, *_size_and_mtime(f)) for f in files]
+    listing = file_listing(p for paths in source.images.values() for p in paths)
     return {"labels": str(source.source), "format": source.format.name,
-            "labels_sha256": sha256_file(source.source), "image_files": len(files),
+            "labels_sha256": sha256_file(source.source), "image_files": len(listing),
             "image_listing_sha256": sha256_json(listing)}
-
-
-def _size_and_mtime(path: str) -> tuple[int, int]:
-    stat = os.stat(path)
-    return stat.st_size, stat.st_mtime_ns

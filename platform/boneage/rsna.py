@@ -149,6 +149,11 @@ def unlabeled_image_rejects(tables: list[LabelTable]) -> pd.DataFrame:
     return pd.DataFrame(list(rows.values()), columns=REJECT_COLUMNS)
 
 
+def reject_counts(rejects: pd.DataFrame) -> dict[str, int]:
+    """How many rejected rows per reason code (the text before the first colon of ``reason``)."""
+    return rejects["reason"].str.split(":").str[0].value_counts().to_dict()
+
+
 def index_images(folder: Path) -> dict[str, list[Path]]:
     """Map each image id (file stem) to every image file with that stem anywhere under ``folder``."""
     if not folder.is_dir():

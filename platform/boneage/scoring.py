@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from boneage.artifacts import atomic_file, sha256_file, sha256_json
+from boneage.artifacts import atomic_file, file_listing, sha256_file, sha256_json
 from boneage.bundle import read_meta, resolve
-from boneage.cluster import connect_to_ray
+from boneage.cluster import connect_to_ray, wants_gpu
 from boneage.config import ScoringConfig
 from boneage.dataset import images_from_column, read_manifest, split_names, split_path
 from boneage.errors import JobError
@@ -163,10 +162,7 @@ def _folder_inputs(settings: ScoringConfig, image_size: int) -> _Inputs:
 def _raw_source(settings: ScoringConfig, index: dict[str, list[Path]], image_size: int,
                 labels_sha256: str) -> ScoringSource:
     """A labels file and image folder, fingerprinted by the labels' content and the images' (path, size, mtime)."""
-    listing = []
-    for path in sorted(str(p) for paths in index.values() for p in paths):
-        stat = os.stat(path)
-        listing.append((path, stat.st_size, stat.st_mtime_ns))
+    listing = file_listing(p for paths in index.values() for p in paths)
     fingerprint = sha256_json({"labels_sha256": labels_sha256, "images": listing})
     return ScoringSource(labels=settings.labels, images=settings.images, data="", split="", fingerprint=fingerprint,
                          image_size=image_size, max_image_megapixels=settings.max_image_megapixels)
@@ -245,7 +241,7 @@ def _run_actors(inputs: _Inputs, settings: ScoringConfig, bundle: Path) -> pd.Da
         # ever find one (a 2-CPU cluster with 2 actors waited forever on a repartition).
         dataset = ray.data.from_pandas([table.iloc[i:i + settings.batch_size]
                                         for i in range(0, len(table), settings.batch_size)])
-        gpu = _use_gpu(settings)
+        gpu = wants_gpu(settings.use_gpu, f"{settings.AREA}.use_gpu")
         actors = min(settings.actors or _auto_actors(gpu), math.ceil(len(table) / settings.batch_size))
         log.info("scoring %d images with %d actor(s) on %s, batches of %d ...", len(table), actors,
                  "GPUs" if gpu else "CPUs", settings.batch_size)
@@ -263,15 +259,6 @@ def _run_actors(inputs: _Inputs, settings: ScoringConfig, bundle: Path) -> pd.Da
 def _prepared_rows(data: str, split: str) -> pd.DataFrame:
     """A prepared split's rows (id, image bytes, boneage, male), read here in file order."""
     return pq.read_table(split_path(data, split), columns=["id", "image", "boneage", "male"]).to_pandas()
-
-
-def _use_gpu(settings: ScoringConfig) -> bool:
-    """``use_gpu``, or for "auto" whether the connected cluster has a GPU."""
-    import ray
-
-    if settings.use_gpu == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return bool(settings.use_gpu)
 
 
 def _auto_actors(gpu: bool) -> int:
@@ -312,7 +299,3 @@ def load_canvases(source: ScoringSource, ids: Sequence[str]) -> np.ndarray:
 def _no_canvases(source: ScoringSource) -> np.ndarray:
     return np.zeros((0, source.image_size, source.image_size), dtype=np.uint8)
 
-
-def reject_counts(rejects: pd.DataFrame) -> dict[str, Any]:
-    """How many rejects per reason code, for the job's log."""
-    return rejects["reason"].str.split(":").str[0].value_counts().to_dict()

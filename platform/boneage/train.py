@@ -37,7 +37,7 @@ from ray.train.torch import TorchTrainer
 
 from boneage.artifacts import atomic_directory
 from boneage.bundle import BundleMeta, DataSource, TargetScale, promote_if_better, reference, register, write_bundle
-from boneage.cluster import connect_to_ray
+from boneage.cluster import connect_to_ray, wants_gpu
 from boneage.config import Config, config_from_dict, derived_name, settings_fingerprint, to_dict
 from boneage.curves import TensorBoardCurves
 from boneage.dataset import batch_tensors, read_manifest, read_split
@@ -501,8 +501,4 @@ def storage_path(path: str) -> str:
 def _use_gpu(cfg: Config) -> bool:
     """Whether training workers take a GPU: ``train.use_gpu``, or for "auto" whether the cluster this process is
     connected to has one. Only asks: the caller connects first (:func:`connect_to_ray`)."""
-    if cfg.train.use_gpu == "auto":
-        if not ray.is_initialized():
-            raise RuntimeError("train.use_gpu=auto asks the Ray cluster whether it has a GPU: connect first")
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return bool(cfg.train.use_gpu)
+    return wants_gpu(cfg.train.use_gpu, "train.use_gpu")
