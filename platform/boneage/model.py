@@ -66,8 +66,9 @@ class BoneAgeNet(nn.Module):
 
     def __init__(self, cfg: ModelConfig, image_size: int):
         super().__init__()
-        self.register_buffer("rgb_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("rgb_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # Constants, not weights: made on the CPU even when the layers are built on the meta device (load_bundle)
+        self.register_buffer("rgb_mean", torch.tensor(IMAGENET_MEAN, device="cpu").view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("rgb_std", torch.tensor(IMAGENET_STD, device="cpu").view(1, 3, 1, 1), persistent=False)
         self.features = torchvision.models.get_model(cfg.arch, weights=None).features
         self.pool = {"avg": nn.AdaptiveAvgPool2d(1), "max": nn.AdaptiveMaxPool2d(1), "flatten": nn.Identity()}[
             cfg.pooling]
