@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     predictions, rejects = write_predictions(scored, cfg.predict.out)
     known = int(scored.predictions["boneage"].notna().sum())
     print(f"scored {len(scored.predictions)} images ({known} with a true age) with {scored.bundle_path}")
+    print(scored.describe_answers())
     print(f"rejected {len(scored.rejects)}: {reject_counts(scored.rejects) or 'none'} (every one with its reason: "
           f"{rejects})")
     print(f"predictions: {predictions}")

@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from boneage.config import ServeConfig, to_dict
 from boneage.imaging import ImageRejected, is_dicom
 from boneage.inference import BoneAgePredictor, Explanation, Radiograph, encode_png, heatmap_grid
+from boneage.schema import Answer, Explained
 from boneage.standards import MAX_AGE_MONTHS, assess, years_and_months
 
 log = logging.getLogger(__name__)
@@ -120,22 +121,24 @@ def _add_assessment_routes(app: FastAPI, backend: Backend, settings: ServeConfig
     """``/v1/predict`` and ``/v1/explain``: a radiograph in, its bone age out."""
     given = _parameters()
 
-    @app.post(f"/{API_VERSION}/predict", summary="Bone age of one radiograph",
-              description=f"The bone age, and the SDS when the chronological age is given. {CANVAS_DOC}")
+    @app.post(f"/{API_VERSION}/predict", summary="Bone age of one radiograph", response_model=Answer,
+              response_model_exclude_unset=True,
+              description=f"The bone age with its prediction interval, and the SDS when the chronological age is "
+                          f"given. {CANVAS_DOC}")
     async def predict(request: Request, file: UploadFile | None = given["file"], sex: str | None = given["sex"],
                       chronological_age_months: str | None = given["age"],
-                      canvas: bool = given["canvas"]) -> dict[str, Any]:
+                      canvas: bool = given["canvas"]) -> Answer:
         query = await _read_query(request, backend, file, sex, chronological_age_months)
         started = time.perf_counter()
         months = await backend.predict(query.radiograph.canvas, query.sex == "M")
         backend.metrics.prediction(time.perf_counter() - started)
-        return {**_answer(months, query, backend), **await _canvas_field(query, canvas)}
+        return Answer(**_answer(months, query, backend), **await _canvas_field(query, canvas))
 
     @app.post(f"/{API_VERSION}/explain", summary="Bone age with its Grad-CAM heat map",
               description="As /v1/predict, plus `overlay_png_base64` (the Grad-CAM overlay on the radiograph) and "
                           f"`heatmap` (the raw map, averaged to a grid). {CANVAS_DOC}",
-              responses={200: {"content": {"image/png": {}}, "description": "JSON, or the overlay PNG itself "
-                                                                             "with Accept: image/png"}})
+              responses={200: {"model": Explained, "content": {"image/png": {}},
+                               "description": "JSON, or the overlay PNG itself with Accept: image/png"}})
     async def explain(request: Request, file: UploadFile | None = given["file"], sex: str | None = given["sex"],
                       chronological_age_months: str | None = given["age"],
                       canvas: bool = given["canvas"]) -> Response:
@@ -148,9 +151,10 @@ def _add_assessment_routes(app: FastAPI, backend: Backend, settings: ServeConfig
             return Response(result.overlay_png, media_type="image/png",
                             headers={"X-Bone-Age-Months": f"{answer['bone_age_months']}",
                                      "X-Request-ID": answer["request_id"]})
-        return JSONResponse({**answer, "overlay_png_base64": base64.b64encode(result.overlay_png).decode(),
-                             "heatmap": heatmap_grid(result.heatmap, settings.heatmap_cells),
-                             **await _canvas_field(query, canvas)})
+        explained = Explained(**answer, overlay_png_base64=base64.b64encode(result.overlay_png).decode(),
+                              heatmap=heatmap_grid(result.heatmap, settings.heatmap_cells),
+                              **await _canvas_field(query, canvas))
+        return JSONResponse(explained.model_dump(exclude_unset=True))
 
 
 def _add_service_routes(app: FastAPI, backend: Backend) -> None:
@@ -162,6 +166,7 @@ def _add_service_routes(app: FastAPI, backend: Backend) -> None:
         return {"model": _model_id(backend), "image_size": meta.image_size, "architecture": to_dict(meta.model),
                 "metrics": meta.metrics, "data": to_dict(meta.data), "created": meta.created,
                 "weights_sha256": meta.weights_sha256, "code_version": meta.code_version,
+                "trust": _trust(backend.predictor), "bundle_format": meta.format,
                 "serving": {**backend.runtime(), "precision": backend.predictor.precision, "device": "cpu",
                             "computes_in": backend.predictor.computes_in}}
 
@@ -172,6 +177,15 @@ def _add_service_routes(app: FastAPI, backend: Backend) -> None:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(resources.files("boneage").joinpath("resources/index.html").read_text())
+
+
+def _trust(predictor: BoneAgePredictor) -> dict[str, Any]:
+    """The bundle's trust signals as served, or why there are none."""
+    if predictor.trust is None:
+        return {"available": False, "note": "this bundle was written before trust signals (bundle format 1): its "
+                                            "answers are the network's, without bias correction or intervals; "
+                                            "re-export it from its training run to add them"}
+    return {"available": True, **predictor.trust.summary(predictor.calibrated, predictor.interval_level)}
 
 
 CANVAS_DOC = ("With `?canvas=true` the JSON answer also holds `canvas_png_base64`: the radiograph as the service "
@@ -278,16 +292,37 @@ async def _canvas_field(query: Query, wanted: bool) -> dict[str, str]:
 
 
 def _answer(months: float, query: Query, backend: Backend) -> dict[str, Any]:
+    """The fields of an :class:`Answer` (those that apply) for the served bone age ``months``."""
+    predictor = backend.predictor
+    interval = _interval(predictor, months, query.sex)
     answer: dict[str, Any] = {"bone_age_months": round(months, 1), "bone_age": years_and_months(months),
-                              "sex": query.sex, "sex_source": query.sex_source}
+                              "interval_months": interval and [round(end, 1) for end in interval],
+                              "interval_level": predictor.interval_level if interval else None,
+                              "calibrated": predictor.calibrated, "sex": query.sex, "sex_source": query.sex_source}
     if query.age is not None:
-        assessment = assess(months, query.sex, query.age)
-        answer.update(chronological_age_months=query.age, sds=assessment.sds,
-                      determination=assessment.determination,
-                      reference={"standard": "Greulich & Pyle (Brush Foundation)",
-                                 "mean_months": assessment.reference_mean_months,
-                                 "sd_months": assessment.reference_sd_months})
+        answer.update(_assessment(months, interval, query))
     return {**answer, "model": _model_id(backend), "request_id": query.request_id}
+
+
+def _interval(predictor: BoneAgePredictor, months: float, sex: str) -> tuple[float, float] | None:
+    """The answer's interval; None when the bundle has none (or too few validation images for the level)."""
+    interval = predictor.interval(np.array([months]), np.array([sex == "M"]))
+    if interval is None or not np.isfinite(interval[1][0]):
+        return None
+    return float(interval[0][0]), float(interval[1][0])
+
+
+def _assessment(months: float, interval: tuple[float, float] | None, query: Query) -> dict[str, Any]:
+    """SDS and determination against the reference; indeterminate when the interval spans two determinations."""
+    assessment = assess(months, query.sex, query.age)
+    ends = [assess(end, query.sex, query.age) for end in interval or ()]
+    spans = len({end.determination for end in ends}) > 1
+    return {"chronological_age_months": query.age, "sds": assessment.sds,
+            "sds_interval": [end.sds for end in ends] or None,
+            "determination": "indeterminate" if spans else assessment.determination,
+            "reference": {"standard": "Greulich & Pyle (Brush Foundation)",
+                          "mean_months": assessment.reference_mean_months,
+                          "sd_months": assessment.reference_sd_months}}
 
 
 def _model_id(backend: Backend) -> dict[str, Any]:

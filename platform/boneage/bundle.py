@@ -32,10 +32,13 @@ from boneage.artifacts import code_version, sha256_file, write_json
 from boneage.config import ModelConfig, parse_section, to_dict
 from boneage.errors import JobError
 from boneage.model import BoneAgeNet
+from boneage.trust import TrustSignals
 
-# The bundle.json layout this code writes and reads. A new field with a default needs no new format (older code
-# ignores it, this code reads older bundles with the default); renaming, removing or re-meaning one does.
-BUNDLE_FORMAT = 1
+# The bundle.json layout this code writes, and those it reads. A new field with a default needs no new format (older
+# code ignores it, this code reads older bundles with the default); renaming, removing or re-meaning one does.
+# Format 2 added the trust signals (issue 15): a format-1 bundle loads without them and says so.
+BUNDLE_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 WEIGHTS = "model.pt"
 META = "bundle.json"
 BEST = "best.json"
@@ -82,6 +85,7 @@ class BundleMeta:
     weights_sha256: str = ""  # of model.pt; written by write_bundle, checked by read_meta
     code_version: dict[str, Any] = field(default_factory=dict)
     created: str = ""  # ISO 8601, UTC
+    trust: TrustSignals | None = None  # bias correction and intervals; None in bundles written before format 2
     format: int = BUNDLE_FORMAT
 
     @property
@@ -100,15 +104,18 @@ class BundleMeta:
         :func:`read_meta`."""
         path = Path(folder) / META
         values = json.loads(path.read_text())
-        if values.get("format") != BUNDLE_FORMAT:
-            raise BundleError(f"{path} is bundle format {values.get('format')}; this code reads format "
-                              f"{BUNDLE_FORMAT}: load it with the version of boneage that wrote it, or re-export it")
+        if values.get("format") not in READABLE_FORMATS:
+            raise BundleError(f"{path} is bundle format {values.get('format')}; this code reads formats "
+                              f"{', '.join(map(str, READABLE_FORMATS))}: load it with the version of boneage that "
+                              "wrote it, or re-export it")
         missing = [key for key in cls.REQUIRED if key not in values]
         if missing:
             raise BundleError(f"{path} lacks {', '.join(missing)}: it is not a complete bundle description")
         known = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
+        trust = TrustSignals.from_dict(values["trust"]) if values.get("trust") else None
         return cls(**{**known, "model": parse_section(ModelConfig, values["model"], "model"),
-                      "target": TargetScale(**values["target"]), "data": DataSource(**values["data"])})
+                      "target": TargetScale(**values["target"]), "data": DataSource(**values["data"]),
+                      "trust": trust})
 
 
 @dataclass

@@ -147,9 +147,13 @@ def query_service(query: QueryConfig) -> dict[str, Any]:
 
 
 def describe_answer(answer: dict[str, Any]) -> str:
-    """One line for people: bone age, sex, SDS and determination when known, model version."""
-    text = (f"bone age {answer['bone_age_months']:.1f} months ({answer['bone_age']}), sex {answer['sex']} "
-            f"(from the {answer['sex_source']})")
+    """One line for people: bone age with its interval, sex, SDS and determination when known, model version."""
+    text = f"bone age {answer['bone_age_months']:.1f} months ({answer['bone_age']})"
+    if answer.get("interval_months"):
+        low, high = answer["interval_months"]
+        text += f", {answer['interval_level']:.0%} interval {low:.1f}-{high:.1f}"
+    text += (f"{'' if answer.get('calibrated') else ' (not bias-corrected)'}, sex {answer['sex']} "
+             f"(from the {answer['sex_source']})")
     if "determination" in answer:
         sds = "n/a" if answer["sds"] is None else f"{answer['sds']:+.2f}"
         text += (f"; chronological age {answer['chronological_age_months']:g} months: SDS {sds}, "

@@ -266,7 +266,18 @@ class TuneConfig:
 
 
 @dataclass
-class ServeConfig:
+class AnswerConfig:
+    """How a bundle's answers are given, alike in the service and the bulk jobs (issue 15's trust signals)."""
+
+    calibrate: bool = setting(True, doc="apply the bundle's bias correction (fitted on its validation split); "
+                                        "false: the network's raw answers")
+    interval_level: float = setting(0.9, low=0.5, high=0.99,
+                                    doc="coverage of the prediction interval each answer carries (split conformal, "
+                                        "per age band and sex of the answer)")
+
+
+@dataclass
+class ServeConfig(AnswerConfig):
     """The bone-age service: the ``args`` of the application in ``configs/serve.yaml``. Replicas, autoscaling, queue
     limits, host and port are Serve's own settings in the same file."""
 
@@ -300,7 +311,7 @@ class QueryConfig:
 
 
 @dataclass
-class ScoringConfig:
+class ScoringConfig(AnswerConfig):
     """Bulk inference with a model bundle (``boneage.scoring``): which images, and how they are scored. The
     prediction and evaluation jobs share these settings, each in its own area (:attr:`AREA`)."""
 

@@ -77,8 +77,9 @@ def run_evaluation(cfg: Config) -> EvaluationOutcome:
     predictor = BoneAgePredictor(load_bundle(scored.bundle_path))
     localisation = _localisation(predictor, scored, settings)
     metrics = evaluate_predictions(scored.predictions, scored.training_mean_months, settings.bootstrap_resamples,
-                                   settings.seed).with_sources(_bundle_ref(scored), _data_ref(scored),
-                                                               rejected=len(scored.rejects), localisation=localisation)
+                                   settings.seed, scored.calibrated, scored.interval_level)
+    metrics = metrics.with_sources(_bundle_ref(scored), _data_ref(scored), rejected=len(scored.rejects),
+                                   localisation=localisation)
     with atomic_directory(settings.out) as tmp:
         write_predictions(scored, tmp / PREDICTIONS)
         metrics.save(tmp)

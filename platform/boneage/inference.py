@@ -27,7 +27,7 @@ from PIL import Image
 from torch import nn
 
 from boneage.bundle import LoadedBundle, load_bundle, resolve
-from boneage.config import ServeConfig
+from boneage.config import AnswerConfig, ServeConfig
 from boneage.errors import JobError
 from boneage.imaging import is_dicom, load_radiograph_sizes
 from boneage.model import BoneAgeNet
@@ -155,8 +155,13 @@ class BoneAgePredictor:
     """A loaded bundle ready to answer: ``predict`` for batches, ``explain`` for one image with Grad-CAM."""
 
     def __init__(self, bundle: LoadedBundle, overlay_size: int = 384, max_megapixels: float = 64.0,
-                 precision: str = "auto", device: str = "cpu", explainer_name: str = DEFAULT_EXPLAINER):
+                 precision: str = "auto", device: str = "cpu", explainer_name: str = DEFAULT_EXPLAINER,
+                 calibrate: bool = AnswerConfig.calibrate,
+                 interval_level: float = AnswerConfig.interval_level):
         self.bundle = bundle
+        self.trust = bundle.meta.trust  # None for a bundle written before format 2: raw answers, no intervals
+        self.calibrated = calibrate and self.trust is not None
+        self.interval_level = interval_level
         self.image_size = bundle.meta.image_size
         self.overlay_size = overlay_size
         self.max_megapixels = max_megapixels
@@ -179,7 +184,8 @@ class BoneAgePredictor:
         checksum verified, with the service's overlay size and decompression-bomb guard."""
         return cls(load_bundle(resolve(settings.model_uri, settings.registry_root)),
                    overlay_size=settings.overlay_size, max_megapixels=settings.max_image_megapixels,
-                   precision=settings.precision, explainer_name=settings.explainer or DEFAULT_EXPLAINER)
+                   precision=settings.precision, explainer_name=settings.explainer or DEFAULT_EXPLAINER,
+                   calibrate=settings.calibrate, interval_level=settings.interval_level)
 
     def decode(self, data: bytes) -> Radiograph:
         """File bytes (PNG, JPEG or DICOM) -> both canvases, the model's exactly as prepare frames the file
@@ -187,9 +193,26 @@ class BoneAgePredictor:
         canvas, display = load_radiograph_sizes(data, (self.image_size, self.overlay_size), self.max_megapixels)
         return Radiograph(canvas, display, dicom_patient_sex(data) if is_dicom(data) else None)
 
-    @torch.inference_mode()
     def predict(self, canvases: np.ndarray, male: np.ndarray) -> np.ndarray:
-        """``canvases`` (B, S, S) uint8 and ``male`` (B,) bool -> bone ages (B,) in months."""
+        """``canvases`` (B, S, S) uint8 and ``male`` (B,) bool -> bone ages (B,) in months, as served: with the
+        bundle's bias correction unless it has none or it was turned off."""
+        return self.correct(self.predict_raw(canvases, male))
+
+    def correct(self, raw: np.ndarray) -> np.ndarray:
+        """Raw answers (months) -> as served: bias-corrected when the predictor is calibrated."""
+        return self.trust.calibration.apply(raw) if self.calibrated else raw
+
+    def interval(self, months: np.ndarray, male: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(low, high)`` months around answers of :meth:`predict`, at the predictor's level; None when the
+        bundle has no intervals (written before format 2)."""
+        if self.trust is None:
+            return None
+        intervals = self.trust.intervals if self.calibrated else self.trust.intervals_raw
+        return intervals.interval(months, male, self.interval_level)
+
+    @torch.inference_mode()
+    def predict_raw(self, canvases: np.ndarray, male: np.ndarray) -> np.ndarray:
+        """``canvases`` (B, S, S) uint8 and ``male`` (B,) bool -> the network's bone ages (B,) in months."""
         images = torch.from_numpy(canvases).unsqueeze(1).to(self.device)  # (B, 1, S, S) uint8: the model scales it
         with self._autocast:
             standardised = self.model(images, torch.from_numpy(male.astype(np.float32)).to(self.device))  # (B,)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 METRICS_FILE = "metrics.json"
 # The metrics.json layout this code writes and reads; renaming, removing or re-meaning a field needs a new one.
-METRICS_FORMAT = 1
+METRICS_FORMAT = 2  # 2: the trust figures (issue 15)
 SEXES = ("M", "F")
 WITHIN_MONTHS = (6, 12, 24)  # "within N months" counts |error| <= N
 # Bootstrap resamples are drawn in blocks of at most this many indices, so memory stays flat on large sets.
@@ -180,6 +180,62 @@ class Counts:
     rejected: int  # images refused before scoring (the rejects file says why)
 
 
+@dataclass
+class Coverage:
+    """How often the answers' prediction intervals hold the true age (shares 0..1; None for no images)."""
+
+    level: float  # what they should hold
+    overall: float | None
+    by_sex: dict[str, float | None]
+    by_age_band: dict[str, float | None]  # of the true age
+    mean_width_months: float | None
+
+    @classmethod
+    def of(cls, known: pd.DataFrame, level: float) -> Coverage:
+        """Coverage of rows with ``interval_low``, ``interval_high``, ``boneage`` (true) and ``sex``."""
+        held = (known["interval_low"] <= known["boneage"]) & (known["boneage"] <= known["interval_high"])
+        bands = age_band(known["boneage"].to_numpy(float))
+        width = known["interval_high"] - known["interval_low"]
+        return cls(level=level, overall=_mean(held), by_sex={sex: _mean(held[known["sex"] == sex]) for sex in SEXES},
+                   by_age_band={band.name: _mean(held[bands == band.name]) for band in AGE_BANDS},
+                   mean_width_months=_mean(width))
+
+
+@dataclass
+class TrustFigures:
+    """What the bundle's trust signals did on this set: the figures without the bias correction, beside the
+    served (corrected) ones, and the intervals' coverage."""
+
+    calibrated: bool  # the served answers are bias-corrected
+    uncorrected: Comparison | None  # the network's raw answers; None when nothing was corrected
+    uncorrected_by_age_band: dict[str, Comparison]
+    coverage: Coverage | None  # None when the bundle has no intervals
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrustFigures:
+        """As :func:`dataclasses.asdict` wrote it."""
+        return cls(calibrated=values["calibrated"],
+                   uncorrected=_comparison(values["uncorrected"]) if values["uncorrected"] else None,
+                   uncorrected_by_age_band={k: _comparison(v) for k, v in values["uncorrected_by_age_band"].items()},
+                   coverage=Coverage(**values["coverage"]) if values["coverage"] else None)
+
+
+def _mean(values: pd.Series) -> float | None:
+    return float(values.mean()) if len(values) else None
+
+
+def trust_figures(known: pd.DataFrame, training_mean: float, calibrated: bool,
+                  interval_level: float | None) -> TrustFigures:
+    """:class:`TrustFigures` of scored rows with a true age (scoring's columns)."""
+    true, bands = known["boneage"].to_numpy(float), age_band(known["boneage"].to_numpy(float))
+    raw = known["bone_age_months_raw"].to_numpy(float)
+    return TrustFigures(
+        calibrated=calibrated, uncorrected=compare(raw, true, training_mean) if calibrated else None,
+        uncorrected_by_age_band={band.name: compare(raw[bands == band.name], true[bands == band.name], training_mean)
+                                 for band in AGE_BANDS} if calibrated else {},
+        coverage=Coverage.of(known, interval_level) if interval_level is not None else None)
+
+
 class LocalisationRow(Protocol):
     """What metrics.json keeps of a :class:`boneage.localisation.LocalisationScore` (a dataclass): one explainer's
     pointing-game figures on the phantom boxes."""
@@ -208,6 +264,7 @@ class EvaluationMetrics:
     bundle: BundleRef = field(default_factory=lambda: BundleRef("", "", ""))
     data: DataRef = field(default_factory=DataRef)
     localisation: list[LocalisationRow] = field(default_factory=list)  # dataclasses; empty off phantom data
+    trust: TrustFigures | None = None  # None when the answers carried no trust signals
     format: int = METRICS_FORMAT
 
     def with_sources(self, bundle: BundleRef, data: DataRef, rejected: int,
@@ -236,7 +293,8 @@ class EvaluationMetrics:
                    by_age_band={key: _comparison(value) for key, value in values["by_age_band"].items()},
                    baseline_prediction_months=values["baseline_prediction_months"],
                    counts=Counts(**values["counts"]), bundle=BundleRef(**values["bundle"]),
-                   data=DataRef(**values["data"]), localisation=[row_type(**row) for row in values["localisation"]])
+                   data=DataRef(**values["data"]), localisation=[row_type(**row) for row in values["localisation"]],
+                   trust=TrustFigures.from_dict(values["trust"]) if values["trust"] else None)
 
 
 def _localisation_score() -> type:
@@ -252,10 +310,13 @@ def _comparison(values: dict[str, Any]) -> Comparison:
 
 
 def evaluate_predictions(predictions: pd.DataFrame, training_mean: float, resamples: int = 1000,
-                         seed: int = 0) -> EvaluationMetrics:
+                         seed: int = 0, calibrated: bool = False,
+                         interval_level: float | None = None) -> EvaluationMetrics:
     """The figures of scored images (columns ``sex`` "M"/"F", ``bone_age_months`` predicted, ``boneage`` true,
     NaN when unknown) beside predicting ``training_mean`` for every image. Rows without a true age are counted
-    (``counts.scored - counts.with_true_age``) but not scored. Fill in the sources with
+    (``counts.scored - counts.with_true_age``) but not scored. With ``calibrated`` (``bone_age_months_raw`` holds
+    the uncorrected answers) or an ``interval_level`` (``interval_low``/``interval_high`` hold the intervals),
+    ``trust`` says what the bundle's trust signals did. Fill in the sources with
     :meth:`EvaluationMetrics.with_sources`."""
     missing = {"sex", "bone_age_months", "boneage"} - set(predictions.columns)
     if missing:
@@ -270,4 +331,6 @@ def evaluate_predictions(predictions: pd.DataFrame, training_mean: float, resamp
         by_age_band={band.name: compare(predicted[bands == band.name], true[bands == band.name], training_mean)
                      for band in AGE_BANDS},
         baseline_prediction_months=float(training_mean),
-        counts=Counts(scored=len(predictions), with_true_age=len(known), rejected=0))
+        counts=Counts(scored=len(predictions), with_true_age=len(known), rejected=0),
+        trust=trust_figures(known, training_mean, calibrated, interval_level)
+        if calibrated or interval_level is not None else None)

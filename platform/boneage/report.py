@@ -21,7 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from boneage.artifacts import atomic_file
-from boneage.metrics import (SEXES, Agreement, Comparison, EvaluationMetrics, LocalisationRow,
+from boneage.metrics import (SEXES, Agreement, Comparison, EvaluationMetrics, LocalisationRow, TrustFigures,
                              limits_of_agreement)
 
 REPORT_FILE = "report.html"
@@ -65,6 +65,7 @@ def build_report(metrics: EvaluationMetrics, predictions: pd.DataFrame, gallery:
         _section("How close are the answers", _headline_table(metrics), _scatter(known), _bland_altman(known)),
         _section("For whom", _group_table("By sex", {SEX_NAMES[sex]: metrics.by_sex[sex] for sex in SEXES}),
                  _group_table("By age band (true age)", metrics.by_age_band), _error_by_band(metrics)),
+        _section("How far to trust the answers", _correction(metrics), _coverage(metrics.trust)),
         _section("Where the model looks", _gallery(gallery), _localisation(metrics.localisation)),
         _section("Training augmentation", _augmentation_preview(augmentation_preview_png)),
         _section("What was evaluated", _provenance(metrics)),
@@ -248,6 +249,37 @@ def _group_table(title: str, groups: dict[str, Comparison]) -> str:
 
 def _beside(show, comparison: Comparison) -> str:
     return f'<td>{show(comparison.model)}<br><span class="baseline">{show(comparison.baseline)}</span></td>'
+
+
+def _correction(metrics: EvaluationMetrics) -> str:
+    """MAE and bias with the bundle's bias correction (as served) and without, overall and by age band."""
+    trust = metrics.trust
+    if trust is None or trust.uncorrected is None:
+        why = "it was turned off" if trust is not None else "the bundle has none (written before bundle format 2)"
+        return f'<p class="note">The answers are the network\'s own, not bias-corrected: {why}.</p>'
+    groups = {"All images": (metrics.overall, trust.uncorrected),
+              **{band: (metrics.by_age_band[band], trust.uncorrected_by_age_band[band]) for band in metrics.by_age_band}}
+    rows = "".join(f"<tr><th>{html.escape(group)}</th><td>{served.model.count}</td>"
+                   f"<td>{_months(served.model.mae)}</td><td>{_months(raw.model.mae)}</td>"
+                   f"<td>{_months(served.model.bias, signed=True)}</td><td>{_months(raw.model.bias, signed=True)}</td>"
+                   "</tr>" for group, (served, raw) in groups.items())
+    return ('<table class="groups" id="correction"><caption>The bias correction (a line fitted on the validation '
+            "split, applied to every answer): figures with it, as served, and without it</caption><tr><th></th>"
+            "<th>Images</th><th>MAE, corrected</th><th>MAE, raw</th><th>Bias, corrected</th><th>Bias, raw</th></tr>"
+            f"{rows}</table>")
+
+
+def _coverage(trust: TrustFigures | None) -> str:
+    """How often the prediction intervals held the true age, against their level."""
+    if trust is None or trust.coverage is None:
+        return '<p class="note">No prediction intervals: the bundle has none (written before bundle format 2).</p>'
+    coverage = trust.coverage
+    groups = {"All images": coverage.overall, **{SEX_NAMES[sex]: coverage.by_sex[sex] for sex in SEXES},
+              **coverage.by_age_band}
+    rows = "".join(f"<tr><th>{html.escape(group)}</th><td>{_share(share)}</td></tr>" for group, share in groups.items())
+    return (f'<table class="groups" id="coverage"><caption>Prediction intervals at {coverage.level:.0%}: the share '
+            f"that held the true age (mean width {_months(coverage.mean_width_months)} months)</caption>"
+            f"<tr><th></th><th>Held the true age</th></tr>{rows}</table>")
 
 
 def _localisation(scores: Sequence[LocalisationRow]) -> str:

@@ -28,16 +28,21 @@ import pyarrow.parquet as pq
 from boneage.artifacts import atomic_file, file_listing, sha256_file, sha256_json
 from boneage.bundle import read_meta, resolve
 from boneage.cluster import connect_to_ray, wants_gpu
-from boneage.config import ScoringConfig
+from boneage.config import AnswerConfig, ScoringConfig
 from boneage.dataset import images_from_column, read_manifest, split_names, split_path
 from boneage.errors import JobError
 from boneage.imaging import REJECT_UNDECODABLE, ImageRejected, is_dicom, load_radiograph
 from boneage.rsna import REJECT_AMBIGUOUS_IMAGE, REJECT_COLUMNS, index_images, read_labels, unlabeled_image_rejects
+from boneage.trust import TrustSignals
 
 log = logging.getLogger(__name__)
 
 REJECT_MISSING_SEX = "missing_sex"
-PREDICTION_COLUMNS = ["id", "sex", "bone_age_months", "boneage", "path"]
+# bone_age_months as served (the bundle's bias correction applied unless turned off); interval_* around it at
+# the settings' level (NaN for a bundle without trust signals); bone_age_months_raw as the network gives it
+PREDICTION_COLUMNS = ["id", "sex", "bone_age_months", "interval_low", "interval_high", "bone_age_months_raw",
+                      "boneage", "path"]
+ANSWER_COLUMNS = PREDICTION_COLUMNS[2:6]
 INPUT_COLUMNS = ["id", "path", "sex", "boneage"]  # a file to score; sex "" when the labels do not give it
 SEX_LETTER = {True: "M", False: "F"}
 
@@ -63,13 +68,22 @@ class ScoringSource:
 class ScoredSet:
     """The answers for every scored image, in input order, and every image left out with its reason."""
 
-    predictions: pd.DataFrame  # PREDICTION_COLUMNS: id, sex (M/F), bone_age_months, boneage (NaN if unknown), path
+    predictions: pd.DataFrame  # PREDICTION_COLUMNS: id, sex (M/F), the answers, boneage (NaN if unknown), path
     rejects: pd.DataFrame  # rsna.REJECT_COLUMNS: id, path, reason (starting with a code, e.g. missing_sex)
     source: ScoringSource
     bundle_path: Path
     bundle_reference: str  # as given
     bundle_sha256: str  # of its model.pt (checked when loaded)
     training_mean_months: float  # the bundle's target mean: the predict-the-training-mean baseline
+    calibrated: bool = False  # bone_age_months has the bundle's bias correction applied
+    interval_level: float | None = None  # of interval_low/high; None: the bundle has no intervals
+
+    def describe_answers(self) -> str:
+        """One line on what the answers carry: the bias correction and the intervals, or why not."""
+        corrected = "bias-corrected" if self.calibrated else "not bias-corrected"
+        intervals = (f"with {self.interval_level:.0%} prediction intervals" if self.interval_level is not None else
+                     "without intervals (the bundle was written before trust signals)")
+        return f"answers: {corrected}, {intervals}"
 
 
 @dataclass
@@ -94,7 +108,8 @@ def score(settings: ScoringConfig, registry_root: str) -> ScoredSet:
     predictions = scored.loc[~failed, PREDICTION_COLUMNS].reset_index(drop=True)
     return ScoredSet(predictions=predictions, rejects=rejects, source=inputs.source, bundle_path=bundle,
                      bundle_reference=settings.bundle, bundle_sha256=meta.weights_sha256,
-                     training_mean_months=meta.target.mean)
+                     training_mean_months=meta.target.mean, calibrated=settings.calibrate and meta.trust is not None,
+                     interval_level=settings.interval_level if meta.trust is not None else None)
 
 
 def collect_inputs(settings: ScoringConfig, image_size: int) -> _Inputs:
@@ -171,7 +186,8 @@ def _raw_source(settings: ScoringConfig, index: dict[str, list[Path]], image_siz
 class BatchScorer:
     """A Ray Data actor: loads the bundle once, then answers batches of files or of prepared rows."""
 
-    def __init__(self, bundle: str, image_size: int, max_megapixels: float, device: str, threads: int):
+    def __init__(self, bundle: str, image_size: int, max_megapixels: float, device: str, threads: int,
+                 answers: AnswerConfig):
         import torch
 
         from boneage.bundle import load_bundle
@@ -179,7 +195,8 @@ class BatchScorer:
 
         torch.set_num_threads(threads)  # the actor's reserved CPUs: more threads only contend on a shared node
         self.image_size, self.max_megapixels = image_size, max_megapixels
-        self.predictor = BoneAgePredictor(load_bundle(bundle), max_megapixels=max_megapixels, device=device)
+        self.predictor = BoneAgePredictor(load_bundle(bundle), max_megapixels=max_megapixels, device=device,
+                                          calibrate=answers.calibrate, interval_level=answers.interval_level)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "image" in batch:  # a prepared split: decoded already, sex known
@@ -190,12 +207,23 @@ class BatchScorer:
         else:
             paths = batch["path"]
             canvases, sex, reasons = self._read_files(paths, batch["sex"])
-        months = np.full(len(canvases), math.nan)
+        answers = {column: np.full(len(canvases), math.nan) for column in ANSWER_COLUMNS}
         ok = reasons == ""
         if ok.any():
-            months[ok] = self.predictor.predict(canvases[ok], sex[ok] == "M")
+            answers.update(self._answer(canvases[ok], sex[ok] == "M", ok))
         return {"id": batch["id"], "path": paths, "sex": sex, "boneage": batch["boneage"].astype(np.float64),
-                "bone_age_months": months, "reason": reasons}
+                **answers, "reason": reasons}
+
+    def _answer(self, canvases: np.ndarray, male: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The ANSWER_COLUMNS of the usable ``rows`` (a mask over the batch), NaN elsewhere."""
+        raw = self.predictor.predict_raw(canvases, male)
+        months = self.predictor.correct(raw)
+        interval = self.predictor.interval(months, male) or (math.nan, math.nan)
+        columns = {}
+        for name, values in zip(ANSWER_COLUMNS, (months, *interval, raw)):
+            columns[name] = np.full(len(rows), math.nan)
+            columns[name][rows] = values
+        return columns
 
     def _read_files(self, paths: np.ndarray, sexes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Model canvases, sex (given, or the DICOM header's) and reject reasons ('' when usable) of files."""
@@ -250,10 +278,37 @@ def _run_actors(inputs: _Inputs, settings: ScoringConfig, bundle: Path) -> pd.Da
             compute=ActorPoolStrategy(size=actors), num_cpus=1, num_gpus=1 if gpu else 0,
             fn_constructor_kwargs={"bundle": str(bundle), "image_size": inputs.source.image_size,
                                    "max_megapixels": settings.max_image_megapixels,
-                                   "device": "cuda" if gpu else "cpu", "threads": 1})
+                                   "device": "cuda" if gpu else "cpu", "threads": 1,
+                                   "answers": AnswerConfig(settings.calibrate, settings.interval_level)})
         # Ray Data hands back Arrow-backed columns, whose NaN is not missing: plain numpy ones, as in any table
         return scored.to_pandas().astype({**dict.fromkeys(["id", "path", "sex", "reason"], object),
-                                          "boneage": "float64", "bone_age_months": "float64"})
+                                          **dict.fromkeys(["boneage", *ANSWER_COLUMNS], "float64")})
+
+
+def fit_trust_signals(bundle: Path, data: str, split: str = "val") -> TrustSignals | None:
+    """A bundle's trust signals, fitted on its raw answers for the prepared ``split`` of ``data`` (when the bundle
+    is exported); None for an empty split."""
+    answers = raw_answers_here(bundle, data, split)
+    if answers.empty:
+        return None
+    return TrustSignals.fit(answers["raw_months"], answers["boneage"], answers["male"].to_numpy(bool))
+
+
+def raw_answers_here(bundle: Path, data: str, split: str, batch_size: int = 64) -> pd.DataFrame:
+    """``id, male, boneage, raw_months``: the bundle's uncorrected answers for a prepared split, computed in this
+    process without Ray (on its GPU when it has one): for a validation split, faster than starting actors."""
+    import torch
+
+    from boneage.bundle import load_bundle
+    from boneage.inference import BoneAgePredictor
+
+    rows = _prepared_rows(data, split)
+    predictor = BoneAgePredictor(load_bundle(bundle), calibrate=False,
+                                 device="cuda" if torch.cuda.is_available() else "cpu")
+    male, images = rows["male"].to_numpy(bool), rows["image"].to_numpy()
+    raw = [predictor.predict_raw(images_from_column(images[i:i + batch_size], predictor.image_size),
+                                 male[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+    return rows[["id", "male", "boneage"]].assign(raw_months=np.concatenate(raw) if raw else np.zeros(0))
 
 
 def _prepared_rows(data: str, split: str) -> pd.DataFrame:
@@ -269,13 +324,15 @@ def _auto_actors(gpu: bool) -> int:
 
 
 def write_predictions(scored: ScoredSet, out_csv: str | Path) -> tuple[Path, Path]:
-    """Write ``id, sex, bone_age_months`` (and ``boneage`` when any true age is known) to ``out_csv`` and the
-    rejects to ``<stem>.rejects.csv`` beside it, each atomically; return both paths."""
+    """Write ``id, sex, bone_age_months`` (with ``interval_low, interval_high`` when the bundle has intervals,
+    ``bone_age_months_raw`` when the answers are bias-corrected, ``boneage`` when any true age is known) to
+    ``out_csv`` and the rejects to ``<stem>.rejects.csv`` beside it, each atomically; return both paths."""
     out_csv = Path(out_csv)
     rejects_csv = out_csv.with_name(f"{out_csv.stem}.rejects.csv")
     columns = ["id", "sex", "bone_age_months"]
-    if scored.predictions["boneage"].notna().any():
-        columns.append("boneage")
+    columns += ["interval_low", "interval_high"] if scored.interval_level is not None else []
+    columns += ["bone_age_months_raw"] if scored.calibrated else []
+    columns += ["boneage"] if scored.predictions["boneage"].notna().any() else []
     with atomic_file(out_csv) as tmp:
         scored.predictions[columns].to_csv(tmp, index=False)
     with atomic_file(rejects_csv) as tmp:

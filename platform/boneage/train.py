@@ -36,7 +36,8 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, L
 from ray.train.torch import TorchTrainer
 
 from boneage.artifacts import atomic_directory
-from boneage.bundle import BundleMeta, DataSource, TargetScale, promote_if_better, reference, register, write_bundle
+from boneage.bundle import (BundleMeta, DataSource, TargetScale, promote_if_better, read_meta, reference, register,
+                            write_bundle)
 from boneage.cluster import connect_to_ray, wants_gpu
 from boneage.config import Config, config_from_dict, derived_name, settings_fingerprint, to_dict
 from boneage.curves import TensorBoardCurves
@@ -45,6 +46,7 @@ from boneage.engine import EpochProgress, EvalSums, TrainStep, evaluate, synchro
 from boneage.errors import JobError
 from boneage.model import NUM_BLOCKS, build_model
 from boneage.precision import describe
+from boneage.scoring import fit_trust_signals
 
 log = logging.getLogger(__name__)
 
@@ -474,7 +476,22 @@ def export_bundle(checkpoint: Checkpoint, cfg: Config, plan: RunPlan, metrics: d
     with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as staging:
         state = torch.load(Path(folder) / MODEL_FILE, map_location="cpu", weights_only=True)
         write_bundle(Path(staging), state, meta)
+        attach_trust_signals(Path(staging), cfg.data.out)
         return register(Path(staging), cfg.registry.root, cfg.registry.name)
+
+
+def attach_trust_signals(bundle: Path, prepared: str) -> None:
+    """Fit the bundle's bias correction and intervals on the validation split it was chosen on, and record them
+    in its ``bundle.json`` (issue 15): every exported bundle carries them."""
+    log.info("fitting the bias correction and prediction intervals on the validation split ...")
+    trust = fit_trust_signals(bundle, prepared)
+    if trust is None:
+        log.warning("the validation split of %s is empty: the bundle has no bias correction or intervals", prepared)
+        return
+    dataclasses.replace(read_meta(bundle), trust=trust).save(bundle)
+    raw, corrected = trust.val_raw.overall, trust.val_calibrated.overall
+    log.info("bias correction: val MAE %.2f -> %.2f months, bias %+.2f -> %+.2f (true = %.3f x predicted %+.2f)",
+             raw.mae, corrected.mae, raw.bias, corrected.bias, trust.calibration.slope, trust.calibration.intercept)
 
 
 def mean_baseline_mae(val: ray.data.Dataset, train_mean: float) -> float:

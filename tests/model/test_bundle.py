@@ -43,8 +43,10 @@ def test_a_bundle_json_written_before_bundle_meta_still_loads(tmp_path):
     assert meta.val_mae == 11.674650969328704 and meta.metrics["val_mae_mean_baseline"] == 31.692041672070204
     assert meta.train["precision"] == "auto" and meta.augment["zoom_range"] == 0.1
     assert meta.weights_sha256.startswith("7391f18e") and meta.created == "2026-12-01T17:57:40+00:00"
-    meta.save(tmp_path / "again")  # and it writes back what it read
-    assert json.loads((tmp_path / "again" / "bundle.json").read_text()) == json.loads(FORMAT_1.read_text())
+    assert meta.trust is None  # format 1 had no trust signals
+    meta.save(tmp_path / "again")  # and it writes back what it read, in this code's format
+    assert json.loads((tmp_path / "again" / "bundle.json").read_text()) == {
+        **json.loads(FORMAT_1.read_text()), "trust": None, "format": BUNDLE_FORMAT}
 
 
 def test_fields_added_later_load_with_their_defaults_and_unknown_ones_are_ignored(tmp_path):
@@ -59,7 +61,7 @@ def test_fields_added_later_load_with_their_defaults_and_unknown_ones_are_ignore
     assert not hasattr(meta, "calibration")
 
 
-@pytest.mark.parametrize("found", [2, None], ids=["newer format", "no format"])
+@pytest.mark.parametrize("found", [BUNDLE_FORMAT + 1, None], ids=["newer format", "no format"])
 def test_a_bundle_of_another_format_is_refused_in_one_line(found, tmp_path):
     folder, _ = make_bundle(tmp_path / "b")
     meta = json.loads((folder / "bundle.json").read_text())
@@ -69,7 +71,7 @@ def test_a_bundle_of_another_format_is_refused_in_one_line(found, tmp_path):
         load_bundle(folder)
     message = str(refused.value)
     assert "\n" not in message
-    assert message.startswith(f"{folder / 'bundle.json'} is bundle format {found}; this code reads format 1")
+    assert message.startswith(f"{folder / 'bundle.json'} is bundle format {found}; this code reads formats 1, 2")
 
 
 def test_a_bundle_json_without_a_required_field_is_refused(tmp_path):

@@ -110,6 +110,27 @@ def test_predictions_without_the_needed_columns_are_refused():
         evaluate_predictions(predictions().drop(columns="boneage"), 100.0, 10, 0)
 
 
+def with_trust_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """The predictions with raw answers 5 months younger and +/-7 month intervals, as a trusted bundle scores."""
+    return table.assign(bone_age_months_raw=table["bone_age_months"] - 5, interval_low=table["bone_age_months"] - 7,
+                        interval_high=table["bone_age_months"] + 7)
+
+
+def test_trust_figures_give_the_uncorrected_errors_and_the_intervals_coverage():
+    metrics = evaluate_predictions(with_trust_columns(predictions()), 100.0, 10, 0, calibrated=True,
+                                   interval_level=0.9)
+    trust = metrics.trust
+    # served errors +10, +6, -10, 0, -10; raw ones 5 months lower: +5, +1, -15, -5, -15
+    assert trust.calibrated and trust.uncorrected.model.mae == pytest.approx((5 + 1 + 15 + 5 + 15) / 5)
+    assert trust.uncorrected.model.bias == pytest.approx(metrics.overall.model.bias - 5)
+    assert trust.uncorrected_by_age_band["0-2 y"].model.mae == 5  # the 10-month girl: raw 15
+    coverage = trust.coverage  # |served error| 10, 6, 10, 0, 10 against +/-7: 2 of 5 held
+    assert coverage.level == 0.9 and coverage.overall == pytest.approx(2 / 5) and coverage.mean_width_months == 14
+    assert coverage.by_sex == {"F": pytest.approx(1 / 2), "M": pytest.approx(1 / 3)}
+    assert coverage.by_age_band == {"0-2 y": 0, "2-6 y": 1, "6-10 y": 0, "10-14 y": 1, "14-19 y": 0}
+    assert evaluate_predictions(predictions(), 100.0, 10, 0).trust is None  # a bundle without trust signals
+
+
 def test_metrics_json_round_trip_with_mae_first(tmp_path):
     scores = [LocalisationScore("gradcam", 40, 0.85, 0.3, 0.6, True),
               LocalisationScore("hirescam", 40, 0.7, 0.3, 0.5, False)]
@@ -124,11 +145,14 @@ def test_metrics_json_round_trip_with_mae_first(tmp_path):
                                                      "bias": None}
     assert raw["counts"] == {"scored": 2, "with_true_age": 2, "rejected": 2}
     assert EvaluationMetrics.load(tmp_path) == metrics
+    trusted = evaluate_predictions(with_trust_columns(predictions()), 100.0, 10, 0, True, 0.9)
+    trusted.save(tmp_path / "trusted")
+    assert EvaluationMetrics.load(tmp_path / "trusted") == trusted
 
 
 def test_a_metrics_json_of_another_format_is_refused(tmp_path):
     evaluate_predictions(predictions(), 100.0, 10, 0).save(tmp_path)
     raw = json.loads((tmp_path / "metrics.json").read_text())
     (tmp_path / "metrics.json").write_text(json.dumps({**raw, "format": 99}))
-    with pytest.raises(MetricsError, match="format 1"):
+    with pytest.raises(MetricsError, match="format 2"):
         EvaluationMetrics.load(tmp_path)

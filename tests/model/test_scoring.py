@@ -15,7 +15,7 @@ from PIL import Image
 
 from boneage.config import load_config
 from boneage.scoring import ScoringInputError, load_canvases, score, write_predictions
-from helpers import make_bundle
+from helpers import make_bundle, synthetic_trust
 from images import gradient, write_dicom, write_truncated_png
 
 SIZE = 32
@@ -23,7 +23,14 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("bundle") / "b", size=SIZE)[0]
+    """A bundle with trust signals: bias-corrected answers with intervals, as every exported bundle has."""
+    return make_bundle(tmp_path_factory.mktemp("bundle") / "b", size=SIZE, trust=synthetic_trust())[0]
+
+
+@pytest.fixture(scope="module")
+def untrusted_bundle(tmp_path_factory) -> Path:
+    """A bundle without trust signals, as written before bundle format 2."""
+    return make_bundle(tmp_path_factory.mktemp("untrusted") / "b", size=SIZE)[0]
 
 
 @pytest.fixture
@@ -124,7 +131,8 @@ def test_every_row_left_out_is_a_reject_with_its_reason(hands, bundle, ray_sessi
 
     out, rejects = write_predictions(scored, tmp_path / "out" / "scores.csv")
     assert rejects == tmp_path / "out" / "scores.rejects.csv"
-    assert list(pd.read_csv(out).columns) == ["id", "sex", "bone_age_months", "boneage"]
+    assert list(pd.read_csv(out).columns) == ["id", "sex", "bone_age_months", "interval_low", "interval_high",
+                                             "bone_age_months_raw", "boneage"]
     assert len(pd.read_csv(rejects)) == 8 and sorted(p.name for p in out.parent.iterdir()) == [
         "scores.csv", "scores.rejects.csv"]  # no temporary files left
 
@@ -194,16 +202,26 @@ def test_answers_equal_the_services_for_png_jpeg_and_dicom(bundle, ray_session, 
     radiographs = {image_id: service.decode(path.read_bytes()) for image_id, path in files.items()}
     expected = {image_id: float(service.predict(r.canvas[None], np.array([cases[image_id] == "M"]))[0])
                 for image_id, r in radiographs.items()}
-    assert answers == expected
+    assert answers == expected and service.calibrated  # bias-corrected, as the service answers
+    for row in scored.predictions.itertuples():
+        low, high = service.interval(np.array([row.bone_age_months]), np.array([row.sex == "M"]))
+        assert (row.interval_low, row.interval_high) == (low[0], high[0]) and low[0] < row.bone_age_months < high[0]
+        raw = service.predict_raw(radiographs[row.id].canvas[None], np.array([row.sex == "M"]))[0]
+        assert row.bone_age_months_raw == raw != row.bone_age_months
     canvases = load_canvases(scored.source, list(cases))
     assert all(np.array_equal(c, radiographs[i].canvas) for c, i in zip(canvases, cases))
 
 
-def test_the_job_writes_predictions_and_names_them_last(hands, bundle, ray_session, tmp_path, capsys):
+@pytest.mark.parametrize("trusted, columns", [
+    (True, ["id", "sex", "bone_age_months", "interval_low", "interval_high", "bone_age_months_raw"]),
+    (False, ["id", "sex", "bone_age_months"])], ids=["with trust signals", "without"])
+def test_the_job_writes_predictions_and_names_them_last(trusted, columns, hands, bundle, untrusted_bundle,
+                                                        ray_session, tmp_path, capsys):
     import runpy
 
     from helpers import ROOT
 
+    bundle = bundle if trusted else untrusted_bundle
     folder, labels = hands
     labels_file = write_layout(labels, "kaggle-test", tmp_path / "test.csv")
     main = runpy.run_path(str(ROOT / "jobs" / "predict.py"), run_name="imported")["main"]
@@ -213,5 +231,5 @@ def test_the_job_writes_predictions_and_names_them_last(hands, bundle, ray_sessi
     assert lines[-1] == f"predictions: {tmp_path / 'p.csv'}"
     assert any(line.startswith("scored 6 images (0 with a true age)") for line in lines)
     written = pd.read_csv(tmp_path / "p.csv", dtype={"id": str})
-    assert list(written.columns) == ["id", "sex", "bone_age_months"] and list(written["id"]) == list(labels["id"])
+    assert list(written.columns) == columns and list(written["id"]) == list(labels["id"])
     assert (tmp_path / "p.rejects.csv").is_file()

@@ -62,6 +62,11 @@ def test_local_mode_trains_and_exports_a_loadable_bundle(prepared_dir, tmp_path)
         months = bundle.to_months(bundle.model(torch.rand(2, 1, 32, 32), torch.tensor([0.0, 1.0])))
     assert torch.isfinite(months).all()
     assert outcome.bundle.parent.parent == tmp_path / "registry"
+    # every exported bundle carries its trust signals, fitted on the whole val split with the bundle's own answers
+    trust, val = bundle.meta.trust, read_manifest(prepared_dir)["splits"]["counts"]["val"]
+    assert sum(trust.intervals.counts().values()) == val and trust.val_raw.overall.count == val
+    assert trust.val_raw.overall.mae == pytest.approx(outcome.metrics["val_mae"], rel=0.02)  # the same answers
+    assert trust.val_calibrated.overall.mae <= trust.val_raw.overall.mae + 0.5
 
 
 def test_weight_average_is_what_the_checkpoint_and_bundle_keep(prepared_dir, tmp_path):

@@ -10,15 +10,18 @@ import yaml
 
 from boneage.bundle import register
 from cases import APP, SHIPPED, deploy_session_app, serve_settings
-from helpers import free_port, make_bundle, wait_until
+from helpers import free_port, make_bundle, synthetic_trust, wait_until
 
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory) -> Path:
-    """A registry with two versions of model ``tiny`` (different weights)."""
+    """A registry with two versions of model ``tiny`` (different weights): version 1 with trust signals (a bias
+    correction far from the identity, and intervals), version 2 without (as bundles written before them)."""
     root = tmp_path_factory.mktemp("registry")
     for seed in (1, 2):
-        register(make_bundle(root.parent / f"bundle-{seed}", seed, val_mae=20.0 - seed, name="tiny")[0], root, "tiny")
+        bundle, _ = make_bundle(root.parent / f"bundle-{seed}", seed, val_mae=20.0 - seed, name="tiny",
+                                trust=synthetic_trust(seed) if seed == 1 else None)
+        register(bundle, root, "tiny")
     return root
 
 

@@ -8,6 +8,7 @@ import http.client
 import io
 import json
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -16,7 +17,10 @@ import torch
 from PIL import Image
 
 from boneage.precision import resolve_precision
-from cases import AGE_FIELD, bad_requests, months_in_process, post
+from boneage.metrics import AGE_BANDS
+from boneage.standards import assess
+from cases import AGE_FIELD, bad_requests, months_in_process, post, serve_settings
+from helpers import free_port, wait_until
 from boneage.imaging import decode_grayscale, fit_to_square
 from images import write_dicom, write_jpeg, write_png16
 
@@ -31,7 +35,7 @@ def test_predict_answers_bone_age_sds_and_model(direct_url, phantom_dir, local_p
     assert answer["bone_age_months"] == pytest.approx(expected, abs=0.06) and answer["bone_age"].endswith("months")
     assert answer["sex"] == "F" and answer["sex_source"] == "form"
     assert answer["chronological_age_months"] == 120.0
-    assert answer["determination"] in ("delayed", "normal", "advanced")
+    assert answer["determination"] in ("delayed", "normal", "advanced", "indeterminate")  # see the interval tests
     expected_sds = (answer["bone_age_months"] - 125.66) / 11.73  # girls at 120 months: mean 125.66, SD 11.73
     assert answer["sds"] == pytest.approx(expected_sds, abs=0.02)
     assert answer["model"] == {"name": "tiny", "version": "1"} and len(answer["request_id"]) == 32
@@ -153,3 +157,68 @@ def test_a_declared_body_over_the_limit_is_refused_before_it_is_read(direct_url)
     response = connection.getresponse()
     assert response.status == 413 and json.loads(response.read())["error"] == "upload_too_large"
     connection.close()
+
+
+def test_every_answer_carries_its_interval_and_says_it_is_bias_corrected(direct_url, phantom_dir, local_predictor):
+    png = phantom_png(phantom_dir)
+    answer = post(direct_url, "predict", png, sex="F").json()
+    months = months_in_process(local_predictor, png, "F")  # bias-corrected: tiny:1 has trust signals
+    raw = float(local_predictor.predict_raw(local_predictor.decode(png).canvas[None], np.array([False]))[0])
+    assert answer["calibrated"] is True and answer["bone_age_months"] == pytest.approx(months, abs=0.06)
+    assert abs(months - raw) > 5  # the correction changed the answer: it is far from the identity
+    low, high = local_predictor.interval(np.array([months]), np.array([False]))
+    assert answer["interval_months"] == pytest.approx([low[0], high[0]], abs=0.06) and answer["interval_level"] == 0.9
+    assert answer["interval_months"][0] < answer["bone_age_months"] < answer["interval_months"][1]
+    explained = post(direct_url, "explain", png, sex="F").json()
+    assert explained["interval_months"] == answer["interval_months"] and explained["calibrated"] is True
+
+
+def test_a_determination_the_interval_spans_is_indeterminate(direct_url, phantom_dir):
+    png = phantom_png(phantom_dir)
+    low, high = post(direct_url, "predict", png, sex="F").json()["interval_months"]
+
+    def determinations(age: int, margin: float) -> set[str]:  # margin: the answer's ends are rounded to 0.1
+        return {assess(end, "F", age).determination for end in (low + margin, high - margin)}
+
+    spanned = [age for age in range(0, 229) if len(determinations(age, 0.1)) > 1]
+    settled = [age for age in range(0, 229) if determinations(age, -0.1) in ({"normal"}, {"advanced"}, {"delayed"})]
+    assert spanned and settled, "the interval should span a determination at some ages and not at others"
+    answer = post(direct_url, "predict", png, sex="F", **{AGE_FIELD: str(spanned[0])}).json()
+    assert answer["determination"] == "indeterminate" and isinstance(answer["sds"], float)
+    sds_low, sds_high = answer["sds_interval"]
+    assert sds_low < answer["sds"] < sds_high
+    answer = post(direct_url, "predict", png, sex="F", **{AGE_FIELD: str(settled[0])}).json()
+    assert {answer["determination"]} == determinations(settled[0], -0.1)
+
+
+def test_the_model_route_shows_the_trust_signals_and_the_docs_every_answer_field(direct_url):
+    trust = requests.get(f"{direct_url}/v1/model", timeout=10).json()["trust"]
+    assert trust["available"] and trust["applied"] and trust["interval_level"] == 0.9
+    assert trust["calibration"]["slope"] > 1.2  # synthetic_trust's answers were pulled 30% toward the mean
+    assert set(trust["interval_half_width_months"]) == {f"{band.name} {sex}" for band in AGE_BANDS for sex in "MF"}
+    assert trust["val_calibrated"]["overall"]["mae"] < trust["val_raw"]["overall"]["mae"]
+    schema = requests.get(f"{direct_url}/openapi.json", timeout=10).json()
+    answer = schema["components"]["schemas"]["Answer"]["properties"]
+    assert {"bone_age_months", "interval_months", "interval_level", "calibrated", "sds", "sds_interval",
+            "determination", "model", "request_id"} <= set(answer)
+    assert all(field.get("description") for name, field in answer.items() if name != "model"), answer
+    explained = schema["paths"]["/v1/explain"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert explained["$ref"].endswith("/Explained")
+
+
+def test_a_bundle_without_trust_signals_answers_raw_and_says_why(registry, phantom_dir):
+    from boneage.api import direct_server
+
+    server = direct_server(serve_settings(registry, "serve.model_uri=tiny:2"), port=free_port())
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, "the plain uvicorn server to start", timeout=60, interval=0.05)
+        url = f"http://127.0.0.1:{server.config.port}"
+        answer = post(url, "predict", phantom_png(phantom_dir), sex="F").json()
+        assert answer["calibrated"] is False and answer["interval_months"] is None
+        trust = requests.get(f"{url}/v1/model", timeout=10).json()["trust"]
+        assert not trust["available"] and "before trust signals" in trust["note"]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -1,0 +1,94 @@
+"""Issue 15's trust signals on real data: the bias correction and the intervals' coverage on the RSNA thumbnails.
+
+    python bench/trust_coverage.py [--bundle FOLDER] [--levels 0.8 0.9 0.95]
+
+Takes the bundle bench/rsna_thumbs_training.py trained (its results file names it), fits its trust signals on its
+validation split exactly as an export does (``boneage.train.attach_trust_signals``, into a copy of the bundle), then
+reads its test split (never seen by the fit) and reports, against the raw answers in the same run:
+- MAE and bias, raw and corrected, overall and per age band of the true age;
+- for each level, the share of test images whose interval holds the true age, overall, per sex and per band, and
+  the mean width. Target (issue 15): within +/-3 points of the level, overall and per sex.
+Results: bench/results/trust_coverage.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
+
+from boneage.bundle import BundleMeta  # noqa: E402
+from boneage.metrics import AGE_BANDS, age_band, error_stats  # noqa: E402
+from boneage.scoring import raw_answers_here  # noqa: E402
+from boneage.train import attach_trust_signals  # noqa: E402
+from boneage.trust import TrustSignals  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def coverage(signals: TrustSignals, months: np.ndarray, true: np.ndarray, male: np.ndarray, level: float) -> dict:
+    """Shares of intervals at ``level`` that hold the true age: overall, per sex, per band of the true age."""
+    low, high = signals.intervals.interval(months, male, level)
+    held, bands = (low <= true) & (true <= high), age_band(true)
+    return {"level": level, "overall": float(held.mean()),
+            "by_sex": {"M": float(held[male].mean()), "F": float(held[~male].mean())},
+            "by_age_band": {b.name: float(held[bands == b.name].mean()) for b in AGE_BANDS if (bands == b.name).any()},
+            "mean_width_months": float((high - low).mean()),
+            "within_3_points": bool(all(abs(share - level) <= 0.03 for share in
+                                        [held.mean(), held[male].mean(), held[~male].mean()]))}
+
+
+def errors(predicted: np.ndarray, true: np.ndarray) -> dict:
+    """MAE and bias overall and per band of the true age."""
+    bands = age_band(true)
+    pick = {"all": np.ones(len(true), bool), **{b.name: bands == b.name for b in AGE_BANDS}}
+    return {group: {"images": int(mask.sum()), "mae": error_stats(predicted[mask], true[mask]).mae,
+                    "bias": error_stats(predicted[mask], true[mask]).bias} for group, mask in pick.items()}
+
+
+def main() -> None:
+    trained = json.loads((RESULTS / "rsna_thumbs_training.json").read_text())
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, default=Path(trained["bundle"]))
+    parser.add_argument("--levels", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    args = parser.parse_args()
+    prepared = BundleMeta.load(args.bundle).data.prepared
+    with tempfile.TemporaryDirectory() as work:
+        bundle = Path(shutil.copytree(args.bundle, Path(work) / "bundle"))
+        attach_trust_signals(bundle, prepared)
+        signals = BundleMeta.load(bundle).trust
+        test = raw_answers_here(bundle, prepared, "test")
+    raw, true, male = test["raw_months"].to_numpy(), test["boneage"].to_numpy(float), test["male"].to_numpy(bool)
+    corrected = signals.calibration.apply(raw)
+    result = {"bundle": str(args.bundle), "prepared": prepared, "fitted_on": "val", "measured_on": "test",
+              "calibration": {"slope": signals.calibration.slope, "intercept": signals.calibration.intercept},
+              "val": {"raw": errors_from(signals.val_raw), "corrected": errors_from(signals.val_calibrated)},
+              "test": {"raw": errors(raw, true), "corrected": errors(corrected, true)},
+              "coverage": [coverage(signals, corrected, true, male, level) for level in args.levels],
+              "validation_residuals": signals.intervals.counts()}
+    for row in result["coverage"]:
+        print(f"{row['level']:.0%} intervals: {row['overall']:.1%} held (M {row['by_sex']['M']:.1%}, "
+              f"F {row['by_sex']['F']:.1%}), mean width {row['mean_width_months']:.1f} months")
+    print(f"test MAE raw {result['test']['raw']['all']['mae']:.2f} -> corrected "
+          f"{result['test']['corrected']['all']['mae']:.2f} months")
+    write_result("trust_coverage", result)
+
+
+def errors_from(band_errors) -> dict:
+    """The same layout as :func:`errors` from a bundle's recorded validation figures."""
+    return {"all": {"images": band_errors.overall.count, "mae": band_errors.overall.mae,
+                    "bias": band_errors.overall.bias},
+            **{band: {"images": stats.count, "mae": stats.mae, "bias": stats.bias}
+               for band, stats in band_errors.by_age_band.items()}}
+
+
+if __name__ == "__main__":
+    main()
