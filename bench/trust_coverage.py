@@ -5,7 +5,9 @@
 Takes the bundle bench/rsna_thumbs_training.py trained (its results file names it), fits its trust signals on its
 validation split exactly as an export does (``boneage.train.attach_trust_signals``, into a copy of the bundle), then
 reads its test split (never seen by the fit) and reports, against the raw answers in the same run:
-- MAE and bias, raw and corrected, overall and per age band of the true age;
+- MAE and bias, raw and corrected, overall and per age band of the true age; and, for comparison, the correction
+  not taken: the inverse of a line fitted the other way (predicted on true), which removes the bias per band of
+  the true age but multiplies the answers' noise by 1 / slope;
 - for each level, the share of test images whose interval holds the true age, overall, per sex and per band, and
   the mean width. Target (issue 15): within +/-3 points of the level, overall and per sex.
 Results: bench/results/trust_coverage.json.
@@ -65,20 +67,24 @@ def main() -> None:
         bundle = Path(shutil.copytree(args.bundle, Path(work) / "bundle"))
         attach_trust_signals(bundle, prepared)
         signals = BundleMeta.load(bundle).trust
-        test = raw_answers_here(bundle, prepared, "test")
+        test, val = raw_answers_here(bundle, prepared, "test"), raw_answers_here(bundle, prepared, "val")
     raw, true, male = test["raw_months"].to_numpy(), test["boneage"].to_numpy(float), test["male"].to_numpy(bool)
     corrected = signals.calibration.apply(raw)
+    slope, intercept = np.polyfit(val["boneage"].to_numpy(float), val["raw_months"].to_numpy(), 1)  # predicted on true
     result = {"bundle": str(args.bundle), "prepared": prepared, "fitted_on": "val", "measured_on": "test",
               "calibration": {"slope": signals.calibration.slope, "intercept": signals.calibration.intercept},
               "val": {"raw": errors_from(signals.val_raw), "corrected": errors_from(signals.val_calibrated)},
-              "test": {"raw": errors(raw, true), "corrected": errors(corrected, true)},
+              "test": {"raw": errors(raw, true), "corrected": errors(corrected, true),
+                       "inverse_not_taken": errors((raw - intercept) / slope, true)},
+              "predicted_on_true": {"slope": slope, "intercept": intercept},
               "coverage": [coverage(signals, corrected, true, male, level) for level in args.levels],
               "validation_residuals": signals.intervals.counts()}
     for row in result["coverage"]:
         print(f"{row['level']:.0%} intervals: {row['overall']:.1%} held (M {row['by_sex']['M']:.1%}, "
               f"F {row['by_sex']['F']:.1%}), mean width {row['mean_width_months']:.1f} months")
     print(f"test MAE raw {result['test']['raw']['all']['mae']:.2f} -> corrected "
-          f"{result['test']['corrected']['all']['mae']:.2f} months")
+          f"{result['test']['corrected']['all']['mae']:.2f} months (inverse fit, not taken: "
+          f"{result['test']['inverse_not_taken']['all']['mae']:.2f}; predicted = {intercept:.1f} + {slope:.3f} true)")
     write_result("trust_coverage", result)
 
 

@@ -114,6 +114,9 @@ def test_the_page_shows_the_api_answer_and_the_heat_map(home, service_url, phant
     assert page.text_content("#text") == expected["bone_age"]
     assert page.text_content("#sds") == f"{expected['sds']:.2f}"
     assert page.text_content("#determination") == expected["determination"]
+    low, high = expected["interval_months"]  # tiny:1 carries trust signals
+    assert page.text_content("#interval") == f"{low:.1f} to {high:.1f}" and page.text_content("#level") == "90"
+    assert page.text_content("#calibrated") == "bias-corrected" and page.is_visible("#interval-row")
     assert page.text_content("#version") == f"tiny version {expected['model']['version']}"
     shown_png(page, "#overlay")
     assert page.evaluate("document.getElementById('overlay').naturalWidth") == 128  # the overlay decoded
