@@ -258,7 +258,7 @@ def _correction(metrics: EvaluationMetrics) -> str:
         why = "it was turned off" if trust is not None else "the bundle has none (written before bundle format 2)"
         return f'<p class="note">The answers are the network\'s own, not bias-corrected: {why}.</p>'
     groups = {"All images": (metrics.overall, trust.uncorrected),
-              **{band: (metrics.by_age_band[band], trust.uncorrected_by_age_band[band]) for band in metrics.by_age_band}}
+              **{band: (served, trust.uncorrected_by_age_band[band]) for band, served in metrics.by_age_band.items()}}
     rows = "".join(f"<tr><th>{html.escape(group)}</th><td>{served.model.count}</td>"
                    f"<td>{_months(served.model.mae)}</td><td>{_months(raw.model.mae)}</td>"
                    f"<td>{_months(served.model.bias, signed=True)}</td><td>{_months(raw.model.bias, signed=True)}</td>"

@@ -147,7 +147,8 @@ class TrustSignals:
         calibration = LinearCalibration.fit(predicted, true)
         corrected = calibration.apply(predicted)
         return cls(calibration=calibration, intervals=ConformalIntervals.fit(corrected, true, male),
-                   intervals_raw=ConformalIntervals.fit(predicted, true, male), val_raw=BandErrors.of(predicted, true), val_calibrated=BandErrors.of(corrected, true))
+                   intervals_raw=ConformalIntervals.fit(predicted, true, male),
+                   val_raw=BandErrors.of(predicted, true), val_calibrated=BandErrors.of(corrected, true))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrustSignals:

@@ -77,6 +77,20 @@ def test_the_report_holds_every_figure_and_the_localisation_score(evaluation):
     assert all(0 <= row["peak_in_box"] <= 1 and 0 < row["random_point"] < 1 for row in localisation)
 
 
+def test_the_report_shows_the_figures_with_and_without_the_bias_correction_and_the_coverage(evaluation):
+    _, out = evaluation  # the phantom bundle was exported by training: it carries trust signals
+    metrics = json.loads((out / "metrics.json").read_text())
+    predictions = pd.read_csv(out / "predictions.csv")
+    trust = metrics["trust"]
+    raw_mae = np.mean(np.abs(predictions["bone_age_months_raw"] - predictions["boneage"]))
+    assert trust["calibrated"] and trust["uncorrected"]["model"]["mae"] == pytest.approx(raw_mae)
+    true = predictions["boneage"]
+    held = (predictions["interval_low"] <= true) & (true <= predictions["interval_high"])
+    assert trust["coverage"]["level"] == 0.9 and trust["coverage"]["overall"] == pytest.approx(held.mean())
+    html = (out / "report.html").read_text()
+    assert 'id="correction"' in html and 'id="coverage"' in html and "Prediction intervals at 90%" in html
+
+
 def test_an_unlabelled_set_is_refused_in_one_line(phantom_bundle, phantom_dir, tmp_path):
     labels = tmp_path / "kaggle-test.csv"
     truth = pd.read_csv(phantom_dir / "boneage-training-dataset.csv").head(3)
