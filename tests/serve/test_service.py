@@ -175,8 +175,9 @@ def test_the_query_job_prints_the_answer_and_writes_the_overlay(service_url, pha
                            "--age", "120", "--overlay", str(overlay)], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    assert re.match(r"bone age \d+\.\d months \(.+\), sex F \(from the form\); chronological age 120 months: SDS "
-                    r"[+-]\d\.\d\d, (delayed|normal|advanced); model tiny version \d", done.stdout)
+    assert re.match(r"bone age \d+\.\d months \(.+\)(, 90% interval \d+\.\d-\d+\.\d| \(not bias-corrected\)), sex F "
+                    r"\(from the form\); chronological age 120 months: SDS [+-]\d\.\d\d, "
+                    r"(delayed|normal|advanced|indeterminate); model tiny version \d", done.stdout), done.stdout
     assert overlay.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"overlay: {overlay}" in done.stdout
     refused = subprocess.run([sys.executable, "jobs/query.py", "--url", service_url, "--file", str(image)],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
