@@ -287,11 +287,21 @@ def _run_actors(inputs: _Inputs, settings: ScoringConfig, bundle: Path) -> pd.Da
 
 def fit_trust_signals(bundle: Path, data: str, split: str = "val") -> TrustSignals | None:
     """A bundle's trust signals, fitted on its raw answers for the prepared ``split`` of ``data`` (when the bundle
-    is exported); None for an empty split."""
-    answers = raw_answers_here(bundle, data, split)
+    is exported); None for an empty split. The answers come from GPU actors when the cluster has GPUs (a large
+    model on a CPU head would take minutes), else from this process (no actors to start)."""
+    gpus = wants_gpu("auto", "use_gpu")
+    answers = raw_answers_on_gpus(bundle, data, split) if gpus else raw_answers_here(bundle, data, split)
     if answers.empty:
         return None
     return TrustSignals.fit(answers["raw_months"], answers["boneage"], answers["male"].to_numpy(bool))
+
+
+def raw_answers_on_gpus(bundle: Path, data: str, split: str, use_gpu: bool = True) -> pd.DataFrame:
+    """What :func:`raw_answers_here` gives, scored by Ray Data actors (one per GPU with ``use_gpu``)."""
+    settings = ScoringConfig(bundle=str(bundle), data=data, split=split, calibrate=False, use_gpu=use_gpu)
+    answers = score(settings, registry_root="").predictions
+    return pd.DataFrame({"id": answers["id"], "male": answers["sex"] == "M", "boneage": answers["boneage"],
+                         "raw_months": answers["bone_age_months_raw"]})
 
 
 def raw_answers_here(bundle: Path, data: str, split: str, batch_size: int = 64) -> pd.DataFrame:

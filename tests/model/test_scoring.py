@@ -233,3 +233,13 @@ def test_the_job_writes_predictions_and_names_them_last(trusted, columns, hands,
     written = pd.read_csv(tmp_path / "p.csv", dtype={"id": str})
     assert list(written.columns) == columns and list(written["id"]) == list(labels["id"])
     assert (tmp_path / "p.rejects.csv").is_file()
+
+
+def test_trust_signals_are_fitted_on_the_same_raw_answers_on_actors_or_here(prepared_dir, bundle, ray_session):
+    from boneage.scoring import raw_answers_here, raw_answers_on_gpus
+
+    here = raw_answers_here(bundle, str(prepared_dir), "val")
+    on_actors = raw_answers_on_gpus(bundle, str(prepared_dir), "val", use_gpu=False)  # the GPU path, on CPUs here
+    assert len(here) > 0 and list(on_actors["id"]) == list(here["id"])
+    assert np.allclose(on_actors["raw_months"], here["raw_months"])  # raw: the bundle's correction is not applied
+    assert list(on_actors["male"]) == list(here["male"]) and np.allclose(on_actors["boneage"], here["boneage"])
