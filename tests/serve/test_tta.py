@@ -86,7 +86,7 @@ def test_explain_answers_what_predict_answers_with_tta(bundle_folder, phantom_di
 @pytest.mark.parametrize("area", ["serve", "predict", "eval"])
 def test_the_setting_takes_the_choices_and_rejects_others_naming_the_key(area):
     assert getattr(load_config(overrides=[f"{area}.tta=flip+rotate"]), area).tta == "flip+rotate"
-    assert getattr(load_config(), area).tta == "none"  # off by default: no view paid on the thumbnails
+    assert getattr(load_config(), area).tta == "none"  # off by default: it pays too little (bench/tta.py)
     with pytest.raises(ConfigError, match=rf"{area}\.tta.*none, flip, rotate, flip\+rotate"):
         load_config(overrides=[f"{area}.tta=mirror"])
 
