@@ -32,6 +32,7 @@ from boneage.errors import JobError
 from boneage.imaging import is_dicom, load_radiograph_sizes
 from boneage.model import BoneAgeNet
 from boneage.precision import autocast_for, describe, resolve_precision
+from boneage.tta import forward_views
 
 
 @dataclass
@@ -157,11 +158,12 @@ class BoneAgePredictor:
     def __init__(self, bundle: LoadedBundle, overlay_size: int = 384, max_megapixels: float = 64.0,
                  precision: str = "auto", device: str = "cpu", explainer_name: str = DEFAULT_EXPLAINER,
                  calibrate: bool = AnswerConfig.calibrate,
-                 interval_level: float = AnswerConfig.interval_level):
+                 interval_level: float = AnswerConfig.interval_level, tta: str = AnswerConfig.tta):
         self.bundle = bundle
         self.trust = bundle.meta.trust  # None for a bundle written before format 2: raw answers, no intervals
         self.calibrated = calibrate and self.trust is not None
         self.interval_level = interval_level
+        self.tta = tta  # a choice of boneage.tta.VIEWS: the views each answer averages
         self.image_size = bundle.meta.image_size
         self.overlay_size = overlay_size
         self.max_megapixels = max_megapixels
@@ -185,7 +187,7 @@ class BoneAgePredictor:
         return cls(load_bundle(resolve(settings.model_uri, settings.registry_root)),
                    overlay_size=settings.overlay_size, max_megapixels=settings.max_image_megapixels,
                    precision=settings.precision, explainer_name=settings.explainer or DEFAULT_EXPLAINER,
-                   calibrate=settings.calibrate, interval_level=settings.interval_level)
+                   calibrate=settings.calibrate, interval_level=settings.interval_level, tta=settings.tta)
 
     def decode(self, data: bytes) -> Radiograph:
         """File bytes (PNG, JPEG or DICOM) -> both canvases, the model's exactly as prepare frames the file
@@ -215,7 +217,8 @@ class BoneAgePredictor:
         """``canvases`` (B, S, S) uint8 and ``male`` (B,) bool -> the network's bone ages (B,) in months."""
         images = torch.from_numpy(canvases).unsqueeze(1).to(self.device)  # (B, 1, S, S) uint8: the model scales it
         with self._autocast:
-            standardised = self.model(images, torch.from_numpy(male.astype(np.float32)).to(self.device))  # (B,)
+            standardised = forward_views(self.model, images,  # (B,), averaged over the views of self.tta
+                                         torch.from_numpy(male.astype(np.float32)).to(self.device), self.tta)
         return self.bundle.to_months(standardised.float().cpu()).numpy().astype(np.float64)
 
     def explain(self, radiograph: Radiograph, male: bool) -> Explanation:

@@ -196,7 +196,8 @@ class BatchScorer:
         torch.set_num_threads(threads)  # the actor's reserved CPUs: more threads only contend on a shared node
         self.image_size, self.max_megapixels = image_size, max_megapixels
         self.predictor = BoneAgePredictor(load_bundle(bundle), max_megapixels=max_megapixels, device=device,
-                                          calibrate=answers.calibrate, interval_level=answers.interval_level)
+                                          calibrate=answers.calibrate, interval_level=answers.interval_level,
+                                          tta=answers.tta)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "image" in batch:  # a prepared split: decoded already, sex known
@@ -279,7 +280,7 @@ def _run_actors(inputs: _Inputs, settings: ScoringConfig, bundle: Path) -> pd.Da
             fn_constructor_kwargs={"bundle": str(bundle), "image_size": inputs.source.image_size,
                                    "max_megapixels": settings.max_image_megapixels,
                                    "device": "cuda" if gpu else "cpu", "threads": 1,
-                                   "answers": AnswerConfig(settings.calibrate, settings.interval_level)})
+                                   "answers": AnswerConfig(settings.calibrate, settings.interval_level, settings.tta)})
         # Ray Data hands back Arrow-backed columns, whose NaN is not missing: plain numpy ones, as in any table
         return scored.to_pandas().astype({**dict.fromkeys(["id", "path", "sex", "reason"], object),
                                           **dict.fromkeys(["boneage", *ANSWER_COLUMNS], "float64")})
