@@ -168,6 +168,7 @@ def _add_service_routes(app: FastAPI, backend: Backend) -> None:
                 "weights_sha256": meta.weights_sha256, "code_version": meta.code_version,
                 "trust": _trust(backend.predictor), "bundle_format": meta.format,
                 "serving": {**backend.runtime(), "precision": backend.predictor.precision, "device": "cpu",
+                            "tta": backend.predictor.tta,
                             "computes_in": backend.predictor.computes_in}}
 
     @app.get("/healthz", summary="200 once the model is loaded")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import kornia.geometry.transform as KT
 import torch
 from torch import nn
 
@@ -52,6 +51,9 @@ def make_views(images: torch.Tensor, choice: str) -> torch.Tensor:
 
 
 def _view(unit: torch.Tensor, view: View) -> torch.Tensor:
+    # Imported here: Kornia takes ~2 s to import, which every scoring actor and replica would pay with TTA off.
+    import kornia.geometry.transform as KT
+
     image = KT.hflip(unit) if view.flip else unit
     if view.degrees:
         angle = torch.full((len(image),), view.degrees, device=image.device)
