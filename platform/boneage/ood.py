@@ -34,7 +34,6 @@ OOD_FILE = "ood.npz"
 METHOD = "mahalanobis-ledoit-wolf"
 DEFAULT_STAGES = ("block3", "block4", "block5")
 SCALE_FLOOR = 0.1  # of the median feature SD
-SCALE_FLOOR = 0.1  # of the median feature SD
 
 
 class OodFileError(JobError, ValueError):
