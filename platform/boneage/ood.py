@@ -1,0 +1,158 @@
+"""Is this a hand radiograph? Out-of-distribution rejection by the Mahalanobis distance of backbone features.
+
+The features are the model's own: the activations at the end of chosen backbone stages (by default all five,
+``block1``..``block5``), each globally average-pooled and concatenated (64 + 128 + 256 + 512 + 512 = 1,472
+numbers). Training
+images' features define a Gaussian: each feature standardised by its training mean and SD, then a covariance
+shrunk towards a multiple of the identity with Ledoit and Wolf's estimate (scikit-learn's ``LedoitWolf``; a few
+thousand images against a thousand dimensions need the shrinkage to be invertible). An image's score is its
+Mahalanobis distance from that mean; the threshold is the validation scores' quantile that rejects at most
+``max_hand_rejection`` (1%) of real hands.
+
+Why all stages: the top block alone keeps only what helps reading age, and on the RSNA thumbnails model nearly
+every non-hand (blank films, noise, text, photographs) lands among the hands there (2% rejected); the lower stages
+keep the texture and contrast statistics that set them apart (99% rejected; ``bench/ood.py``). A mirrored hand
+(a right hand) is accepted, not rejected: a model trained with horizontal flips reads it as well as a left one
+(phantoms: MAE 14.4 against 14.5 months), so :meth:`OodDetector.fit_on_model` adds the mirrored training images'
+features to the fit. An inverted (negative) film is rejected: nothing in training looks like it.
+
+A detector is stored in a bundle as ONE file, ``ood.npz``: numpy arrays only, read with ``allow_pickle=False``
+(bundles are untrusted files, and a pickle runs code when loaded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from boneage.artifacts import atomic_file
+from boneage.errors import JobError
+from boneage.model import BoneAgeNet
+
+OOD_FILE = "ood.npz"
+METHOD = "mahalanobis-ledoit-wolf"
+DEFAULT_STAGES = ("block1", "block2", "block3", "block4", "block5")
+SCALE_FLOOR = 0.1  # of the median feature SD
+
+
+class OodFileError(JobError, ValueError):
+    """``ood.npz`` is missing, damaged, or holds something other than plain arrays."""
+
+
+def pooled_features(net: BoneAgeNet, canvases: np.ndarray, male: np.ndarray, device: str = "cpu",
+                    batch_size: int = 64, stages: tuple[str, ...] = DEFAULT_STAGES) -> np.ndarray:
+    """The features the detector reads: ``canvases`` (N, S, S) uint8 and ``male`` (N,) bool -> (N, D) float32,
+    each of ``stages``' last activation averaged over space, concatenated bottom to top.
+
+    The model's own forward pass computes them (hooks on the stages), so its pixel convention applies as it is.
+    """
+    layers = [next(s.activation for s in net.stages if s.name == name) for name in stages]
+    captured: list[torch.Tensor] = []
+    hooks = [net.get_submodule(layer).register_forward_hook(
+        lambda _module, _inputs, output: captured.append(output.float().mean(dim=(2, 3)))) for layer in layers]
+    batches = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(canvases), batch_size):
+                image = torch.from_numpy(np.ascontiguousarray(canvases[start:start + batch_size])).unsqueeze(1)
+                sex = torch.from_numpy(np.asarray(male[start:start + batch_size], dtype=np.float32))
+                captured.clear()
+                net(image.to(device), sex.to(device))
+                batches.append(torch.cat(captured, dim=1).cpu().numpy())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return np.concatenate(batches).astype(np.float32) if batches else np.zeros((0, 0), np.float32)
+
+
+@dataclass
+class OodDetector:
+    """A fitted Mahalanobis detector: what ``ood.npz`` stores."""
+
+    stages: tuple[str, ...]  # the backbone stages whose pooled activations are the features
+    mean: np.ndarray  # (D,) the training features' mean
+    scale: np.ndarray  # (D,) their SD (standardisation before the covariance)
+    precision: np.ndarray  # (D, D) inverse of the shrunk covariance of the standardised features
+    threshold: float  # scores above it are rejected
+    val_rejection: float  # share of validation hands above the threshold
+    max_hand_rejection: float  # what the threshold was set for
+    method: str = METHOD
+
+    @classmethod
+    def fit(cls, train_features: np.ndarray, val_features: np.ndarray, max_hand_rejection: float = 0.01,
+            stages: tuple[str, ...] = DEFAULT_STAGES) -> OodDetector:
+        """Fit the Gaussian on ``train_features`` and set the threshold on ``val_features`` so that at most
+        ``max_hand_rejection`` of them score above it."""
+        from sklearn.covariance import LedoitWolf  # here: only exporting a bundle fits one
+
+        mean = train_features.mean(axis=0)
+        spread = train_features.std(axis=0)
+        # A floor: a near-constant channel (a dead ReLU) would otherwise turn its rounding noise into huge distances
+        scale = np.maximum(spread, SCALE_FLOOR * max(float(np.median(spread)), 1e-12))
+        estimate = LedoitWolf(assume_centered=True).fit((train_features - mean) / scale)
+        detector = cls(tuple(stages), mean.astype(np.float32), scale.astype(np.float32),
+                       estimate.precision_.astype(np.float32), threshold=np.inf, val_rejection=0.0,
+                       max_hand_rejection=max_hand_rejection)
+        val_scores = detector.scores(val_features)
+        # "higher": a score of the validation set itself, so that at most the allowed share lies strictly above it
+        detector.threshold = float(np.quantile(val_scores, 1.0 - max_hand_rejection, method="higher"))
+        detector.val_rejection = float(np.mean(val_scores > detector.threshold))
+        return detector
+
+    @classmethod
+    def fit_on_model(cls, net: BoneAgeNet, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
+                     mirrored: bool, max_hand_rejection: float = 0.01, device: str = "cpu") -> OodDetector:
+        """:meth:`fit` on ``net``'s features of ``train`` and ``val`` (each canvases (N, S, S) uint8 and male (N,)
+        bool). ``mirrored``: the model was trained with horizontal flips (``augment.horizontal_flip``), so its
+        training images include right hands; their features join the training set, and a right hand is accepted."""
+        train_features = pooled_features(net, *train, device=device)
+        if mirrored:
+            flipped = np.ascontiguousarray(train[0][:, :, ::-1])
+            train_features = np.concatenate([train_features, pooled_features(net, flipped, train[1], device=device)])
+        return cls.fit(train_features, pooled_features(net, *val, device=device), max_hand_rejection)
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance of each row of ``features`` (N, D) from the training mean: (N,), higher = further
+        from hands."""
+        z = (np.asarray(features, dtype=np.float64) - self.mean) / self.scale
+        return np.sqrt(np.maximum(np.einsum("nd,de,ne->n", z, self.precision.astype(np.float64), z), 0.0))
+
+    def rejects(self, features: np.ndarray) -> np.ndarray:
+        """(N,) bool: True where an image is too far from the training hands to be read."""
+        return self.scores(features) > self.threshold
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``ood.npz`` into ``folder`` (atomically); return its path."""
+        path = Path(folder) / OOD_FILE
+        with atomic_file(path) as tmp, open(tmp, "wb") as out:
+            np.savez(out, stages=np.array(self.stages, dtype=np.str_), mean=self.mean, scale=self.scale,
+                     precision=self.precision, threshold=np.float64(self.threshold),
+                     val_rejection=np.float64(self.val_rejection),
+                     max_hand_rejection=np.float64(self.max_hand_rejection), method=np.str_(self.method))
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> OodDetector:
+        """Read ``ood.npz`` from a bundle folder; a file holding pickled objects is refused, not run."""
+        path = Path(folder) / OOD_FILE
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                detector = cls(tuple(str(s) for s in data["stages"]), data["mean"], data["scale"], data["precision"],
+                               threshold=float(data["threshold"]), val_rejection=float(data["val_rejection"]),
+                               max_hand_rejection=float(data["max_hand_rejection"]), method=str(data["method"]))
+        except (OSError, KeyError, ValueError) as error:  # np.load raises ValueError for object arrays
+            raise OodFileError(f"{path} is not a readable out-of-distribution detector: {error}") from error
+        dims = len(detector.mean)
+        if detector.scale.shape != (dims,) or detector.precision.shape != (dims, dims):
+            raise OodFileError(f"{path} is damaged: mean {detector.mean.shape}, scale {detector.scale.shape}, "
+                               f"precision {detector.precision.shape} do not agree")
+        return detector
+
+    def summary(self) -> dict:
+        """The few numbers ``/v1/model`` shows."""
+        return {"method": self.method, "stages": list(self.stages), "dims": int(len(self.mean)),
+                "threshold": round(self.threshold, 3), "val_rejection": round(self.val_rejection, 4),
+                "max_hand_rejection": self.max_hand_rejection}
