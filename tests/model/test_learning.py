@@ -52,8 +52,11 @@ def test_training_learns_the_bone_age_and_reports_the_bundles_val_mae(learning_s
     # (The demo's bundle: 11.674651 both ways; on val images with the demo's augmentations, 12.66.)
     val = load_split(learning_set, "val")
     predictor = BoneAgePredictor(load_bundle(outcome.bundle))
-    errors = predictor.predict(val["image"][:, 0].numpy(), val["male"].numpy().astype(bool)) - val["boneage"].numpy()
+    canvases, male, true = val["image"][:, 0].numpy(), val["male"].numpy().astype(bool), val["boneage"].numpy()
+    errors = predictor.predict_raw(canvases, male) - true  # the network's answers, as training scored them
     assert np.abs(errors).mean() == pytest.approx(val_mae, abs=0.05)
+    corrected = predictor.predict(canvases, male) - true  # as served: with the correction fitted on these images
+    assert np.abs(corrected).mean() == pytest.approx(predictor.trust.val_calibrated.overall.mae, abs=0.05)
     assert np.sqrt(np.square(errors).mean()) == pytest.approx(outcome.metrics["val_rmse"], abs=0.05)
 
 
