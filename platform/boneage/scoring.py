@@ -280,7 +280,7 @@ def _run_actors(inputs: _Inputs, settings: ScoringConfig, bundle: Path) -> pd.Da
             fn_constructor_kwargs={"bundle": str(bundle), "image_size": inputs.source.image_size,
                                    "max_megapixels": settings.max_image_megapixels,
                                    "device": "cuda" if gpu else "cpu", "threads": 1,
-                                   "answers": AnswerConfig(settings.calibrate, settings.interval_level, settings.tta)})
+                                   "answers": settings})  # a ScoringConfig is the AnswerConfig it carries
         # Ray Data hands back Arrow-backed columns, whose NaN is not missing: plain numpy ones, as in any table
         return scored.to_pandas().astype({**dict.fromkeys(["id", "path", "sex", "reason"], object),
                                           **dict.fromkeys(["boneage", *ANSWER_COLUMNS], "float64")})
@@ -289,8 +289,11 @@ def _run_actors(inputs: _Inputs, settings: ScoringConfig, bundle: Path) -> pd.Da
 def fit_trust_signals(bundle: Path, data: str, split: str = "val") -> TrustSignals | None:
     """A bundle's trust signals, fitted on its raw answers for the prepared ``split`` of ``data`` (when the bundle
     is exported); None for an empty split. The answers come from GPU actors when the cluster has GPUs (a large
-    model on a CPU head would take minutes), else from this process (no actors to start)."""
-    gpus = wants_gpu("auto", "use_gpu")
+    model on a CPU head would take minutes), else from this process (no actors to start; also when this process
+    is not connected to a cluster, e.g. re-exporting a finished run)."""
+    import ray
+
+    gpus = ray.is_initialized() and wants_gpu("auto", "use_gpu")
     answers = raw_answers_on_gpus(bundle, data, split) if gpus else raw_answers_here(bundle, data, split)
     if answers.empty:
         return None

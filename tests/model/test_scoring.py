@@ -243,3 +243,19 @@ def test_trust_signals_are_fitted_on_the_same_raw_answers_on_actors_or_here(prep
     assert len(here) > 0 and list(on_actors["id"]) == list(here["id"])
     assert np.allclose(on_actors["raw_months"], here["raw_months"])  # raw: the bundle's correction is not applied
     assert list(on_actors["male"]) == list(here["male"]) and np.allclose(on_actors["boneage"], here["boneage"])
+
+
+def test_trust_signals_are_fitted_in_a_process_without_ray(prepared_dir, bundle):
+    """Re-exporting a finished run's bundle happens before (without) connecting to Ray: no cluster to ask."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    code = ("import sys; from boneage.scoring import fit_trust_signals; import ray; "
+            "signals = fit_trust_signals(sys.argv[1], sys.argv[2]); "
+            "assert not ray.is_initialized(); print(sum(signals.intervals.counts().values()))")
+    done = subprocess.run([sys.executable, "-c", code, str(bundle), str(prepared_dir)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) == len(pd.read_parquet(prepared_dir / "split=val"))
