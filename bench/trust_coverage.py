@@ -16,6 +16,7 @@ Results: bench/results/trust_coverage.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -23,37 +24,34 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
 from boneage.bundle import BundleMeta  # noqa: E402
-from boneage.metrics import AGE_BANDS, age_band, error_stats  # noqa: E402
+from boneage.metrics import Coverage  # noqa: E402
 from boneage.scoring import raw_answers_here  # noqa: E402
 from boneage.train import attach_trust_signals  # noqa: E402
-from boneage.trust import TrustSignals  # noqa: E402
+from boneage.trust import BandErrors, TrustSignals  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def coverage(signals: TrustSignals, months: np.ndarray, true: np.ndarray, male: np.ndarray, level: float) -> dict:
-    """Shares of intervals at ``level`` that hold the true age: overall, per sex, per band of the true age."""
+    """The evaluation's coverage figures (``metrics.Coverage``) of the intervals at ``level``, and whether they are
+    within 3 points of it overall and per sex (the issue's target)."""
     low, high = signals.intervals.interval(months, male, level)
-    held, bands = (low <= true) & (true <= high), age_band(true)
-    return {"level": level, "overall": float(held.mean()),
-            "by_sex": {"M": float(held[male].mean()), "F": float(held[~male].mean())},
-            "by_age_band": {b.name: float(held[bands == b.name].mean()) for b in AGE_BANDS if (bands == b.name).any()},
-            "mean_width_months": float((high - low).mean()),
-            "within_3_points": bool(all(abs(share - level) <= 0.03 for share in
-                                        [held.mean(), held[male].mean(), held[~male].mean()]))}
+    rows = pd.DataFrame({"interval_low": low, "interval_high": high, "boneage": true, "sex": np.where(male, "M", "F")})
+    figures = dataclasses.asdict(Coverage.of(rows, level))
+    shares = [figures["overall"], *figures["by_sex"].values()]
+    return {**figures, "within_3_points": all(abs(share - level) <= 0.03 for share in shares)}
 
 
-def errors(predicted: np.ndarray, true: np.ndarray) -> dict:
+def errors(band_errors: BandErrors) -> dict:
     """MAE and bias overall and per band of the true age."""
-    bands = age_band(true)
-    pick = {"all": np.ones(len(true), bool), **{b.name: bands == b.name for b in AGE_BANDS}}
-    return {group: {"images": int(mask.sum()), "mae": error_stats(predicted[mask], true[mask]).mae,
-                    "bias": error_stats(predicted[mask], true[mask]).bias} for group, mask in pick.items()}
+    groups = {"all": band_errors.overall, **band_errors.by_age_band}
+    return {group: {"images": stats.count, "mae": stats.mae, "bias": stats.bias} for group, stats in groups.items()}
 
 
 def main() -> None:
@@ -73,9 +71,9 @@ def main() -> None:
     slope, intercept = np.polyfit(val["boneage"].to_numpy(float), val["raw_months"].to_numpy(), 1)  # predicted on true
     result = {"bundle": str(args.bundle), "prepared": prepared, "fitted_on": "val", "measured_on": "test",
               "calibration": {"slope": signals.calibration.slope, "intercept": signals.calibration.intercept},
-              "val": {"raw": errors_from(signals.val_raw), "corrected": errors_from(signals.val_calibrated)},
-              "test": {"raw": errors(raw, true), "corrected": errors(corrected, true),
-                       "inverse_not_taken": errors((raw - intercept) / slope, true)},
+              "val": {"raw": errors(signals.val_raw), "corrected": errors(signals.val_calibrated)},
+              "test": {"raw": errors(BandErrors.of(raw, true)), "corrected": errors(BandErrors.of(corrected, true)),
+                       "inverse_not_taken": errors(BandErrors.of((raw - intercept) / slope, true))},
               "predicted_on_true": {"slope": slope, "intercept": intercept},
               "coverage": [coverage(signals, corrected, true, male, level) for level in args.levels],
               "validation_residuals": signals.intervals.counts()}
@@ -86,14 +84,6 @@ def main() -> None:
           f"{result['test']['corrected']['all']['mae']:.2f} months (inverse fit, not taken: "
           f"{result['test']['inverse_not_taken']['all']['mae']:.2f}; predicted = {intercept:.1f} + {slope:.3f} true)")
     write_result("trust_coverage", result)
-
-
-def errors_from(band_errors) -> dict:
-    """The same layout as :func:`errors` from a bundle's recorded validation figures."""
-    return {"all": {"images": band_errors.overall.count, "mae": band_errors.overall.mae,
-                    "bias": band_errors.overall.bias},
-            **{band: {"images": stats.count, "mae": stats.mae, "bias": stats.bias}
-               for band, stats in band_errors.by_age_band.items()}}
 
 
 if __name__ == "__main__":

@@ -151,6 +151,13 @@ def compare(predicted: np.ndarray, true: np.ndarray, baseline_months: float) -> 
     return Comparison(error_stats(predicted, true), error_stats(np.full_like(true, baseline_months), true))
 
 
+def compare_by_band(predicted: np.ndarray, true: np.ndarray, baseline_months: float) -> dict[str, Comparison]:
+    """:func:`compare` within each age band of the true age, youngest first."""
+    bands = age_band(true)
+    return {band.name: compare(predicted[bands == band.name], true[bands == band.name], baseline_months)
+            for band in AGE_BANDS}
+
+
 @dataclass
 class BundleRef:
     """The model that was evaluated."""
@@ -227,12 +234,10 @@ def _mean(values: pd.Series) -> float | None:
 def trust_figures(known: pd.DataFrame, training_mean: float, calibrated: bool,
                   interval_level: float | None) -> TrustFigures:
     """:class:`TrustFigures` of scored rows with a true age (scoring's columns)."""
-    true, bands = known["boneage"].to_numpy(float), age_band(known["boneage"].to_numpy(float))
-    raw = known["bone_age_months_raw"].to_numpy(float)
+    true, raw = known["boneage"].to_numpy(float), known["bone_age_months_raw"].to_numpy(float)
     return TrustFigures(
         calibrated=calibrated, uncorrected=compare(raw, true, training_mean) if calibrated else None,
-        uncorrected_by_age_band={band.name: compare(raw[bands == band.name], true[bands == band.name], training_mean)
-                                 for band in AGE_BANDS} if calibrated else {},
+        uncorrected_by_age_band=compare_by_band(raw, true, training_mean) if calibrated else {},
         coverage=Coverage.of(known, interval_level) if interval_level is not None else None)
 
 
@@ -323,13 +328,12 @@ def evaluate_predictions(predictions: pd.DataFrame, training_mean: float, resamp
         raise MetricsError(f"the predictions lack the column(s) {', '.join(sorted(missing))}")
     known = predictions[predictions["boneage"].notna()]
     predicted, true = known["bone_age_months"].to_numpy(float), known["boneage"].to_numpy(float)
-    sexes, bands = known["sex"].to_numpy(), age_band(true)
+    sexes = known["sex"].to_numpy()
     overall = compare(predicted, true, training_mean)
     return EvaluationMetrics(
         mae=overall.model.mae, mae_ci=bootstrap_mae_ci(predicted, true, resamples, seed), overall=overall,
         by_sex={sex: compare(predicted[sexes == sex], true[sexes == sex], training_mean) for sex in SEXES},
-        by_age_band={band.name: compare(predicted[bands == band.name], true[bands == band.name], training_mean)
-                     for band in AGE_BANDS},
+        by_age_band=compare_by_band(predicted, true, training_mean),
         baseline_prediction_months=float(training_mean),
         counts=Counts(scored=len(predictions), with_true_age=len(known), rejected=0),
         trust=trust_figures(known, training_mean, calibrated, interval_level)

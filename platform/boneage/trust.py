@@ -82,12 +82,13 @@ class ConformalIntervals:
     def quantile(self, cell: str, level: float) -> float:
         """The cell's conformal quantile; from its band's residuals (both sexes), or all of them, when too few."""
         band = cell.rsplit(" ", 1)[0]
-        pools = (self.residuals.get(cell, []), _merged(self.residuals, f"{band} "), _merged(self.residuals, ""))
-        for scores in pools[:-1]:
+        for pool in (lambda: self.residuals.get(cell, []), lambda: _merged(self.residuals, f"{band} ")):
+            scores = pool()  # merged (and sorted) only when the cell alone is too small: this runs per request
             if len(scores) >= MIN_CELL_RESIDUALS and _rank(len(scores), level) <= len(scores):
                 return float(scores[_rank(len(scores), level) - 1])
-        rank = _rank(len(pools[-1]), level)
-        return float(pools[-1][rank - 1]) if rank <= len(pools[-1]) else math.inf
+        everything = _merged(self.residuals, "")
+        rank = _rank(len(everything), level)
+        return float(everything[rank - 1]) if rank <= len(everything) else math.inf
 
     def counts(self) -> dict[str, int]:
         """How many validation residuals each cell holds."""
