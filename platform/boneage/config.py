@@ -218,7 +218,9 @@ class TrainConfig:
     compile: bool = setting(False, roles=Role.NONE,
                             doc="torch.compile the model: VGG16 at 224 px trains 1.35x faster on an H200 "
                                 "(bench/results/gpu_train.json); the first epoch waits for the compiler")
-    seed: int = setting(0, low=0, roles=Role.RUN_NAME)
+    seed: int = setting(0, low=0, roles=Role.RUN_NAME | Role.SEARCHABLE,
+                        doc="initial weights, shuffling and augmentations; searchable: an ensemble's members "
+                            "differ more when they start from different weights")
     storage_path: str = setting("outputs/ray_results",
                                 roles=Role.NONE, doc="local folder or URI (s3://, gs://); shared on clusters")
     run_name: str = setting("", roles=Role.NONE,
