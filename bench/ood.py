@@ -9,13 +9,20 @@ non-hand corpus (boneage.phantoms.nonhands.ood_corpus at the model's size), and 
 inverted. A mirrored hand is to be accepted (the models were trained with horizontal flips): its MAE against the
 unmirrored reading is reported too. Targets: >= 95% of non-hands rejected, <= 2% of test hands rejected.
 Features are cached per bundle under outputs/ood-features (the forward passes are the slow part).
+
+``as_shipped``: the detector an export fits (``boneage.signals.fit_ood_detector`` on a copy of the bundle: up to
+``OOD_FIT_IMAGES`` training images and their mirror images, in the predictor's precision), measured through the
+served path (``BoneAgePredictor.answer(...).unlike_hands``), which is what the service and the bulk jobs refuse.
 Results: bench/results/ood.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
 from boneage.artifacts import sha256_json  # noqa: E402
-from boneage.bundle import load_bundle  # noqa: E402
+from boneage.bundle import load_bundle, store_ood_detector  # noqa: E402
+from boneage.inference import BoneAgePredictor  # noqa: E402
 from boneage.dataset import load_split  # noqa: E402
 from boneage.ood import OodDetector, pooled_features  # noqa: E402
 from boneage.phantoms.nonhands import ood_corpus  # noqa: E402
+from boneage.signals import OOD_FIT_IMAGES, fit_ood_detector, in_batches  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_STAGES = ("block1", "block2", "block3", "block4", "block5")
@@ -116,7 +125,7 @@ def columns(net_stage_channels: dict[str, int], stages: tuple[str, ...]) -> np.n
 
 def measure(found: dict[str, np.ndarray], stages: tuple[str, ...], mirrored: bool) -> dict:
     """Rejection shares of a detector fitted on ``stages``' features (and on the mirrored train split's too, as
-    ``OodDetector.fit_on_model`` does for a model trained with flips)."""
+    ``OodDetector.fit_on_images`` does for a model trained with flips)."""
     pick = columns({"block1": 64, "block2": 128, "block3": 256, "block4": 512, "block5": 512}, stages)
     train = np.concatenate([found["train"], found["mirrored_train"]]) if mirrored else found["train"]
     detector = OodDetector.fit(train[:, pick], found["val"][:, pick], stages=stages)
@@ -129,6 +138,29 @@ def measure(found: dict[str, np.ndarray], stages: tuple[str, ...], mirrored: boo
             "meets_targets": bool(non_hand.mean() >= 0.95 and detector.rejects(found["test"][:, pick]).mean() <= 0.02)}
 
 
+def as_shipped(bundle_dir: Path, data: Path, test_limit: int) -> dict:
+    """The export's detector, fitted on a copy of the bundle and measured through the predictor's answers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "bundle"
+        shutil.copytree(bundle_dir, copy)
+        started = time.perf_counter()
+        detector = fit_ood_detector(copy, str(data))
+        fit_seconds = time.perf_counter() - started
+        store_ood_detector(copy, detector)
+        predictor = BoneAgePredictor(load_bundle(copy))
+    sets = image_sets(data, predictor.image_size, test_limit)
+    rejected = {name: in_batches(lambda c, m: predictor.answer(c, m).unlike_hands, *sets[name])
+                for name in ("test", *NON_HANDS, "mirrored_hand", "mirrored_test_hand")}
+    non_hand = np.concatenate([rejected[name] for name in NON_HANDS])
+    test = rejected.pop("test")
+    return {"detector": detector.summary(), "fit_images": min(len(sets["train"][0]), OOD_FIT_IMAGES),
+            "fit_seconds": fit_seconds, "computes_in": predictor.computes_in,
+            "test_hands_rejected": float(test.mean()), "test_hands": int(len(test)),
+            "non_hands_rejected": float(non_hand.mean()), "non_hand_images": int(len(non_hand)),
+            "rejected_by_kind": {name: float(values.mean()) for name, values in rejected.items()},
+            "meets_targets": bool(non_hand.mean() >= 0.95 and test.mean() <= 0.02)}
+
+
 def model_report(bundle_dir: Path, data: Path, cache_root: Path, test_limit: int) -> dict:
     found = features(bundle_dir, data, cache_root, test_limit)
     truth = found["test_boneage"][:test_limit]
@@ -137,6 +169,7 @@ def model_report(bundle_dir: Path, data: Path, cache_root: Path, test_limit: int
             "mirrored_test_hands": {"images": len(truth),
                                     "mae": float(np.abs(found["test_months"] - truth).mean()),
                                     "mae_mirrored": float(np.abs(found["mirrored_months"] - truth).mean())},
+            "as_shipped": as_shipped(bundle_dir, data, test_limit),
             "fit_on_train": {name: measure(found, stages, False) for name, stages in CHOICES.items()},
             "fit_on_train_and_mirrored_train": {name: measure(found, stages, True) for name, stages in CHOICES.items()}}
 

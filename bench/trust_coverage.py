@@ -3,7 +3,7 @@
     python bench/trust_coverage.py [--bundle FOLDER] [--levels 0.8 0.9 0.95]
 
 Takes the bundle bench/rsna_thumbs_training.py trained (its results file names it), fits its trust signals on its
-validation split exactly as an export does (``boneage.train.attach_trust_signals``, into a copy of the bundle), then
+validation split exactly as an export does (``boneage.signals.attach_signals``, into a copy of the bundle), then
 reads its test split (never seen by the fit) and reports, against the raw answers in the same run:
 - MAE and bias, raw and corrected, overall and per age band of the true age; and, for comparison, the correction
   not taken: the inverse of a line fitted the other way (predicted on true), which removes the bias per band of
@@ -31,8 +31,7 @@ from common import write_result  # noqa: E402
 
 from boneage.bundle import BundleMeta  # noqa: E402
 from boneage.metrics import Coverage  # noqa: E402
-from boneage.scoring import raw_answers_here  # noqa: E402
-from boneage.train import attach_trust_signals  # noqa: E402
+from boneage.signals import attach_signals, raw_answers_here  # noqa: E402
 from boneage.trust import BandErrors, TrustSignals  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,7 +62,7 @@ def main() -> None:
     prepared = BundleMeta.load(args.bundle).data.prepared
     with tempfile.TemporaryDirectory() as work:
         bundle = Path(shutil.copytree(args.bundle, Path(work) / "bundle"))
-        attach_trust_signals(bundle, prepared)
+        attach_signals(bundle, prepared)
         signals = BundleMeta.load(bundle).trust
         test, val = raw_answers_here(bundle, prepared, "test"), raw_answers_here(bundle, prepared, "val")
     raw, true, male = test["raw_months"].to_numpy(), test["boneage"].to_numpy(float), test["male"].to_numpy(bool)

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import timed, write_result  # noqa: E402
 
 from boneage.bundle import load_bundle  # noqa: E402
+from boneage.config import AnswerConfig  # noqa: E402
 from boneage.dataset import load_split  # noqa: E402
 from boneage.inference import BoneAgePredictor  # noqa: E402
 from boneage.metrics import AGE_BANDS, age_band, error_stats  # noqa: E402
@@ -50,9 +51,9 @@ def main() -> None:
     canvases = split["image"][:count, 0].numpy()  # (N, S, S) uint8
     male, true = split["male"][:count].numpy().astype(bool), split["boneage"][:count].numpy().astype(np.float64)
     bundle = load_bundle(args.bundle)
-    answers = {choice: answer_all(BoneAgePredictor(bundle, calibrate=False, tta=choice), canvases, male)
+    answers = {choice: answer_all(BoneAgePredictor(bundle, AnswerConfig(calibrate=False, tta=choice)), canvases, male)
                for choice in VIEWS}
-    latency = latencies({choice: BoneAgePredictor(bundle, calibrate=False, tta=choice) for choice in VIEWS},
+    latency = latencies({choice: BoneAgePredictor(bundle, AnswerConfig(calibrate=False, tta=choice)) for choice in VIEWS},
                         canvases, male, args.runs)
     write_result("tta", {
         "bundle": args.bundle, "data": args.data, "split": args.split, "images": count, "torch_threads": args.threads,

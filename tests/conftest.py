@@ -89,3 +89,22 @@ def prepared_dir(phantom_dir, ray_session, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("prepared") / "phantoms-32"
     return prepare_dataset(data_config(phantom_dir / "boneage-training-dataset.csv", phantom_dir, out))
+
+
+@pytest.fixture(scope="session")
+def ensemble_registry(prepared_dir, tmp_path_factory) -> Path:
+    """A registry holding ``ens:1``: three random 32 px models of the session's prepared phantoms exported as one
+    ensemble bundle by the ensemble job's code (signals fitted on the phantoms' validation split)."""
+    from boneage.config import load_config
+    from boneage.dataset import read_manifest
+    from boneage.ensemble import run_ensemble
+    from helpers import make_bundle
+
+    root = tmp_path_factory.mktemp("ensemble-registry")
+    fingerprint = read_manifest(prepared_dir)["fingerprint"]
+    members = [make_bundle(root.parent / f"member-{seed}", seed, val_mae=10.0 + seed, data=fingerprint, size=32,
+                           name="ens")[0] for seed in (1, 2, 3)]
+    run_ensemble(load_config(overrides=[f"ensemble.members=[{', '.join(map(str, members))}]",
+                                        f"ensemble.data={prepared_dir}", f"registry.root={root}",
+                                        "registry.name=ens"]))
+    return root

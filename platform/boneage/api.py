@@ -5,7 +5,9 @@ batching predictions across requests; :class:`DirectBackend` runs the same model
 uvicorn server the latency benchmark compares against). ``/docs`` and ``/redoc`` load Swagger UI and ReDoc from the
 installed ``fastapi-offline`` package, never from a CDN, so they work on a network without internet.
 
-Every bad input answers a 4xx JSON body ``{"error": <code>, "detail": <sentence>}`` and the service keeps serving.
+Every bad input answers a 4xx JSON body ``{"error": <code>, "detail": <sentence>}`` and the service keeps serving;
+an image the bundle's out-of-distribution detector finds unlike hand radiographs answers 422
+``not_a_hand_radiograph`` (unless ``serve.reject_ood`` is off), before any Grad-CAM is computed.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from fastapi_offline import FastAPIOffline
 from PIL import Image, UnidentifiedImageError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from boneage.bundle import BundleMeta
 from boneage.config import ServeConfig, to_dict
 from boneage.imaging import ImageRejected, is_dicom
-from boneage.inference import BoneAgePredictor, Explanation, Radiograph, encode_png, heatmap_grid
+from boneage.inference import Answers, BoneAgePredictor, Explanation, Radiograph, encode_png, heatmap_grid
 from boneage.schema import Answer, Explained
 from boneage.standards import MAX_AGE_MONTHS, assess, years_and_months
 
@@ -64,7 +67,7 @@ class Backend(Protocol):
     predictor: BoneAgePredictor
     metrics: Metrics
 
-    async def predict(self, canvas: np.ndarray, male: bool) -> float: ...
+    async def answer(self, canvas: np.ndarray, male: bool) -> Answers: ...
     def runtime(self) -> dict[str, Any]: ...
 
 
@@ -84,9 +87,8 @@ class DirectBackend:
         self.predictor = predictor
         self.metrics = NoMetrics()
 
-    async def predict(self, canvas: np.ndarray, male: bool) -> float:
-        months = await asyncio.to_thread(self.predictor.predict, canvas[None], np.array([male]))
-        return float(months[0])
+    async def answer(self, canvas: np.ndarray, male: bool) -> Answers:
+        return await asyncio.to_thread(self.predictor.answer, canvas[None], np.array([male]))
 
     def runtime(self) -> dict[str, Any]:
         return {"backend": "direct"}
@@ -129,10 +131,8 @@ def _add_assessment_routes(app: FastAPI, backend: Backend, settings: ServeConfig
                       chronological_age_months: str | None = given["age"],
                       canvas: bool = given["canvas"]) -> Answer:
         query = await _read_query(request, backend, file, sex, chronological_age_months)
-        started = time.perf_counter()
-        months = await backend.predict(query.radiograph.canvas, query.sex == "M")
-        backend.metrics.prediction(time.perf_counter() - started)
-        return Answer(**_answer(months, query, backend), **await _canvas_field(query, canvas))
+        answers = await _answers(query, backend)
+        return Answer(**_answer(answers, query, backend), **await _canvas_field(query, canvas))
 
     @app.post(f"/{API_VERSION}/explain", summary="Bone age with its Grad-CAM heat map",
               description="As /v1/predict, plus `overlay_png_base64` (the Grad-CAM overlay on the radiograph) and "
@@ -143,10 +143,11 @@ def _add_assessment_routes(app: FastAPI, backend: Backend, settings: ServeConfig
                       chronological_age_months: str | None = given["age"],
                       canvas: bool = given["canvas"]) -> Response:
         query = await _read_query(request, backend, file, sex, chronological_age_months)
+        answers = await _answers(query, backend)  # first: an image that is not a hand gets no heat map
         started = time.perf_counter()
         result: Explanation = await asyncio.to_thread(backend.predictor.explain, query.radiograph, query.sex == "M")
         backend.metrics.gradcam(time.perf_counter() - started)
-        answer = _answer(result.bone_age_months, query, backend)
+        answer = _answer(answers, query, backend)
         if "image/png" in request.headers.get("accept", ""):
             return Response(result.overlay_png, media_type="image/png",
                             headers={"X-Bone-Age-Months": f"{answer['bone_age_months']}",
@@ -166,7 +167,8 @@ def _add_service_routes(app: FastAPI, backend: Backend) -> None:
         return {"model": _model_id(backend), "image_size": meta.image_size, "architecture": to_dict(meta.model),
                 "metrics": meta.metrics, "data": to_dict(meta.data), "created": meta.created,
                 "weights_sha256": meta.weights_sha256, "code_version": meta.code_version,
-                "trust": _trust(backend.predictor), "bundle_format": meta.format,
+                "trust": _trust(backend.predictor), "ood": _ood(backend.predictor),
+                "ensemble": _ensemble(meta), "bundle_format": meta.format,
                 "serving": {**backend.runtime(), "precision": backend.predictor.precision, "device": "cpu",
                             "tta": backend.predictor.tta,
                             "computes_in": backend.predictor.computes_in}}
@@ -187,6 +189,19 @@ def _trust(predictor: BoneAgePredictor) -> dict[str, Any]:
                                             "answers are the network's, without bias correction or intervals; "
                                             "re-export it from its training run to add them"}
     return {"available": True, **predictor.trust.summary(predictor.calibrated, predictor.interval_level)}
+
+
+def _ood(predictor: BoneAgePredictor) -> dict[str, Any]:
+    """The bundle's out-of-distribution detector as served, or why there is none."""
+    if predictor.ood is None:
+        return {"available": False, "note": "this bundle has no out-of-distribution detector (written before it "
+                                            "existed): every image gets a bone age; re-export it to add one"}
+    return {"available": True, "rejecting": predictor.rejects_ood, **predictor.ood.summary()}
+
+
+def _ensemble(meta: BundleMeta) -> list[dict[str, Any]] | None:
+    """An ensemble's members (their models and own val MAE), or None for a single model."""
+    return [{"architecture": to_dict(m.model), "val_mae": m.val_mae, "run": m.run} for m in meta.members] or None
 
 
 CANVAS_DOC = ("With `?canvas=true` the JSON answer also holds `canvas_png_base64`: the radiograph as the service "
@@ -292,14 +307,34 @@ async def _canvas_field(query: Query, wanted: bool) -> dict[str, str]:
     return {"canvas_png_base64": base64.b64encode(png).decode()}
 
 
-def _answer(months: float, query: Query, backend: Backend) -> dict[str, Any]:
-    """The fields of an :class:`Answer` (those that apply) for the served bone age ``months``."""
-    predictor = backend.predictor
+async def _answers(query: Query, backend: Backend) -> Answers:
+    """The backend's answer for the query's image (batched with others by Serve); 422 ``not_a_hand_radiograph``
+    when the bundle's out-of-distribution detector refuses it."""
+    started = time.perf_counter()
+    answers = await backend.answer(query.radiograph.canvas, query.sex == "M")
+    backend.metrics.prediction(time.perf_counter() - started)
+    if answers.unlike_hands[0]:
+        backend.metrics.rejection("not_a_hand_radiograph")
+        threshold = backend.predictor.ood.threshold
+        raise ApiError(422, "not_a_hand_radiograph",
+                       f"this image does not look like the hand radiographs the model was trained on (out-of-"
+                       f"distribution score {answers.ood_scores[0]:.1f}, above its threshold {threshold:.1f}), so it "
+                       "gets no bone age: send a radiograph of the left hand, posteroanterior view")
+    return answers
+
+
+def _answer(answers: Answers, query: Query, backend: Backend) -> dict[str, Any]:
+    """The fields of an :class:`Answer` (those that apply) for one image's served ``answers``."""
+    predictor, months = backend.predictor, float(answers.months[0])
     interval = _interval(predictor, months, query.sex)
     answer: dict[str, Any] = {"bone_age_months": round(months, 1), "bone_age": years_and_months(months),
                               "interval_months": interval and [round(end, 1) for end in interval],
                               "interval_level": predictor.interval_level if interval else None,
                               "calibrated": predictor.calibrated, "sex": query.sex, "sex_source": query.sex_source}
+    if answers.ood_scores is not None:
+        answer["ood_score"] = round(float(answers.ood_scores[0]), 2)
+    if answers.spread is not None:
+        answer["ensemble_spread_months"] = round(float(answers.spread[0]), 1)
     if query.age is not None:
         answer.update(_assessment(months, interval, query))
     return {**answer, "model": _model_id(backend), "request_id": query.request_id}

@@ -4,6 +4,9 @@ A bundle folder holds ``model.pt`` (a state dict, loaded with ``torch.load(weigh
 ``bundle.json`` (:class:`BundleMeta`): the model config, image size and preprocessing, the target's mean and SD,
 training and validation metrics, the prepared data's manifest hash, the code version, the creation time and the
 SHA-256 of ``model.pt``, which :func:`load_bundle` checks before loading. Loading needs only this library, not Ray.
+Two optional parts (issue 15), each with its checksum in ``bundle.json``: ``ood.npz``, the out-of-distribution
+detector (:class:`~boneage.ood.OodDetector`, plain arrays), and for an ensemble ``member-<i>.pt``, the weights of
+its members after the first (:class:`EnsembleMember`; the first member is ``model.pt``).
 
 The registry keeps bundles as ``<root>/<name>/<version>/`` (1, 2, 3, ...) and a ``best`` alias
 (``<root>/<name>/best.json``): the version with the lowest validation MAE, moved only by a bundle that beats it on
@@ -32,11 +35,13 @@ from boneage.artifacts import code_version, sha256_file, write_json
 from boneage.config import ModelConfig, parse_section, to_dict
 from boneage.errors import JobError
 from boneage.model import BoneAgeNet
+from boneage.ood import OOD_FILE, OodDetector
 from boneage.trust import TrustSignals
 
 # The bundle.json layout this code writes, and those it reads. A new field with a default needs no new format (older
 # code ignores it, this code reads older bundles with the default); renaming, removing or re-meaning one does.
-# Format 2 added the trust signals (issue 15): a format-1 bundle loads without them and says so.
+# Format 2 added the trust signals, the OOD detector and ensembles (issue 15): a format-1 bundle loads without them
+# and says so.
 BUNDLE_FORMAT = 2
 READABLE_FORMATS = (1, 2)
 WEIGHTS = "model.pt"
@@ -65,6 +70,23 @@ class DataSource:
 
 
 @dataclass
+class EnsembleMember:
+    """One model of an ensemble bundle: where its weights are and what it is."""
+
+    model: ModelConfig
+    weights: str  # its state dict's file in the bundle: model.pt for the first member, member-<i>.pt for the others
+    weights_sha256: str
+    val_mae: float  # its own, on the bundle's validation split
+    run: str = ""  # the training run (a sweep's trial) it came from
+    train: dict[str, Any] = field(default_factory=dict)  # its training settings, as trained
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EnsembleMember:
+        """A member from its ``bundle.json`` entry."""
+        return cls(**{**values, "model": parse_section(ModelConfig, values["model"], "model")})
+
+
+@dataclass
 class BundleMeta:
     """``bundle.json``, typed: what a bundle says about its model. Every field after ``data`` has a default, so a
     field added later loads from bundles written before it existed."""
@@ -86,6 +108,9 @@ class BundleMeta:
     code_version: dict[str, Any] = field(default_factory=dict)
     created: str = ""  # ISO 8601, UTC
     trust: TrustSignals | None = None  # bias correction and intervals; None in bundles written before format 2
+    ood_sha256: str = ""  # of ood.npz, the out-of-distribution detector; "" when the bundle has none
+    members: list[EnsembleMember] = field(default_factory=list)  # an ensemble's models, the first is model.pt; a
+    # single model has none. An ensemble answers the mean of its members; its metrics are the ensemble's.
     format: int = BUNDLE_FORMAT
 
     @property
@@ -115,16 +140,31 @@ class BundleMeta:
         trust = TrustSignals.from_dict(values["trust"]) if values.get("trust") else None
         return cls(**{**known, "model": parse_section(ModelConfig, values["model"], "model"),
                       "target": TargetScale(**values["target"]), "data": DataSource(**values["data"]),
-                      "trust": trust})
+                      "trust": trust, "members": [EnsembleMember.from_dict(m) for m in values.get("members", [])]})
+
+    def weight_files(self) -> dict[str, str]:
+        """Every state dict file of the bundle and its recorded checksum: ``model.pt``, and an ensemble's other
+        members'."""
+        return {WEIGHTS: self.weights_sha256, **{m.weights: m.weights_sha256 for m in self.members}}
+
+    def member_models(self) -> list[ModelConfig]:
+        """The model config of each member, ``model.pt``'s first; one for a single model."""
+        return [m.model for m in self.members] or [self.model]
 
 
 @dataclass
 class LoadedBundle:
-    """A model ready for inference (eval mode, on CPU) and its metadata."""
+    """A model ready for inference (eval mode, on CPU) and its metadata: an ensemble's members, and the
+    out-of-distribution detector when the bundle has one."""
 
-    model: BoneAgeNet
+    model: BoneAgeNet  # model.pt: the single model, or an ensemble's first member (the OOD detector reads it)
     meta: BundleMeta
     path: Path
+    members: list[BoneAgeNet] = field(default_factory=list)  # every model, ``model`` first ([model] if single)
+    ood: OodDetector | None = None
+
+    def __post_init__(self) -> None:
+        self.members = self.members or [self.model]
 
     def to_months(self, standardised: torch.Tensor) -> torch.Tensor:
         """Model output -> bone age in months."""
@@ -135,39 +175,94 @@ def write_bundle(folder: Path, state_dict: dict[str, torch.Tensor], meta: Bundle
     """Write ``model.pt`` and ``bundle.json`` (with the weights' checksum and provenance) into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(state_dict, folder / WEIGHTS)
-    dataclasses.replace(meta, weights_sha256=sha256_file(folder / WEIGHTS), code_version=code_version(),
-                        created=datetime.now(timezone.utc).isoformat(timespec="seconds")).save(folder)
+    dataclasses.replace(meta, weights_sha256=sha256_file(folder / WEIGHTS), **_provenance()).save(folder)
     return folder
 
 
+def write_ensemble(folder: Path, members: list[Path]) -> Path:
+    """Write the bundles ``members`` (the best first) as one ensemble bundle into ``folder``: their weights
+    (``model.pt``, ``member-1.pt``, ...) and a ``bundle.json`` whose ``members`` describe them. They must answer
+    alike (same image size, target scale and validation data). The ensemble's own val MAE, trust signals and
+    detector are left to its export to measure (:func:`boneage.ensemble.export_ensemble`)."""
+    metas = [read_meta(member) for member in members]
+    _check_ensemble(members, metas)
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for index, (source, meta) in enumerate(zip(members, metas)):
+        weights = WEIGHTS if index == 0 else f"member-{index}.pt"
+        shutil.copyfile(source / WEIGHTS, folder / weights)
+        entries.append(EnsembleMember(meta.model, weights, meta.weights_sha256, meta.val_mae, meta.run, meta.train))
+    baseline = {k: v for k, v in metas[0].metrics.items() if k == "val_mae_mean_baseline"}
+    dataclasses.replace(metas[0], members=entries, metrics=baseline, trust=None, ood_sha256="", run="",
+                        checkpoint="", **_provenance()).save(folder)
+    return folder
+
+
+def _check_ensemble(members: list[Path], metas: list[BundleMeta]) -> None:
+    """Members must be single models that read the same canvases, answer on the same scale and were chosen on the
+    same validation split; :class:`BundleError` names the first that does not."""
+    if len(members) < 2:
+        raise BundleError(f"an ensemble needs at least 2 members, got {len(members)}")
+    first = metas[0]
+    for path, meta in zip(members, metas):
+        if meta.members:
+            raise BundleError(f"{path} is an ensemble already: list its members' bundles instead")
+        for what, mine, theirs in (("image size", meta.image_size, first.image_size),
+                                   ("target scale", meta.target, first.target),
+                                   ("prepared data (manifest)", meta.data.manifest_fingerprint,
+                                    first.data.manifest_fingerprint)):
+            if mine != theirs:
+                raise BundleError(f"{path} differs from {members[0]} in its {what} ({mine} against {theirs}): "
+                                  "an ensemble's members must be trained on the same prepared data")
+
+
+def _provenance() -> dict[str, Any]:
+    """The code version and creation time every written bundle records."""
+    return {"code_version": code_version(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
 def read_meta(path: str | Path) -> BundleMeta:
-    """``bundle.json`` of a bundle folder, after checking that ``model.pt`` matches its recorded checksum."""
+    """``bundle.json`` of a bundle folder, after checking that every file it records (``model.pt``, an ensemble's
+    members, ``ood.npz``) matches its recorded checksum."""
     folder = Path(path)
     if not (folder / META).is_file() or not (folder / WEIGHTS).is_file():
         raise BundleError(f"{folder} is not a model bundle: it needs {WEIGHTS} and {META}")
     meta = BundleMeta.load(folder)
-    actual = sha256_file(folder / WEIGHTS)
-    if actual != meta.weights_sha256:
-        raise BundleError(f"{folder / WEIGHTS} does not match the checksum in {META} (expected "
-                          f"{meta.weights_sha256}, found {actual}): the bundle was modified or damaged")
+    recorded = {**meta.weight_files(), **({OOD_FILE: meta.ood_sha256} if meta.ood_sha256 else {})}
+    for name, expected in recorded.items():
+        if not (folder / name).is_file():
+            raise BundleError(f"{folder} lacks {name}, which its {META} records: the bundle is incomplete")
+        actual = sha256_file(folder / name)
+        if actual != expected:
+            raise BundleError(f"{folder / name} does not match the checksum in {META} (expected "
+                              f"{expected}, found {actual}): the bundle was modified or damaged")
     return meta
 
 
 def load_bundle(path: str | Path) -> LoadedBundle:
-    """Verify and load a bundle into an eval-mode model on the CPU."""
+    """Verify and load a bundle (every member of an ensemble, and its OOD detector) into eval-mode models on the
+    CPU."""
     folder = Path(path)
     meta = read_meta(folder)
-    model_cfg = dataclasses.replace(meta.model, weights="none")  # the bundle's weights, not pretrained ones
+    files = [WEIGHTS] if not meta.members else [m.weights for m in meta.members]
+    members = [_load_weights(folder / name, cfg, meta.image_size) for name, cfg in zip(files, meta.member_models())]
+    ood = OodDetector.load(folder) if meta.ood_sha256 else None
+    return LoadedBundle(model=members[0], meta=meta, path=folder, members=members, ood=ood)
+
+
+def _load_weights(path: Path, cfg: ModelConfig, image_size: int) -> BoneAgeNet:
+    """An eval-mode network of ``cfg`` holding the state dict at ``path``."""
+    model_cfg = dataclasses.replace(cfg, weights="none")  # the bundle's weights, not pretrained ones
     with torch.device("meta"):  # no random initialisation, which the bundle's weights replace (1.5 s of VGG16's)
-        model = BoneAgeNet(model_cfg, meta.image_size)
-    state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+        model = BoneAgeNet(model_cfg, image_size)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     mismatch = weights_mismatch(model.state_dict(), state)
     if mismatch:
-        raise BundleError(f"{folder / WEIGHTS} does not fit the model {META} describes ({model_cfg.arch}, head "
-                          f"{model_cfg.head}, {meta.image_size} px): {mismatch}; re-export the bundle from its "
+        raise BundleError(f"{path} does not fit the model {META} describes ({model_cfg.arch}, head "
+                          f"{model_cfg.head}, {image_size} px): {mismatch}; re-export the bundle from its "
                           "training run, or serve another one")
     model.load_state_dict(state, assign=True)  # the loaded tensors become the parameters
-    return LoadedBundle(model=model.eval(), meta=meta, path=folder)
+    return model.eval()
 
 
 def weights_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
@@ -242,15 +337,16 @@ def _locked(folder: Path) -> Iterator[None]:
 def register(bundle: Path, root: str | Path, name: str) -> Path:
     """Copy a bundle folder into the registry as the next version of ``name``; return the version folder.
 
-    A bundle whose weights are already registered under ``name`` is not copied again: its version is returned.
+    A bundle whose weights (all its members') are already registered under ``name`` is not copied again: its
+    version is returned.
     Only the new bundle's weights are hashed; stored versions are compared by the checksums they recorded (each
     load checks its own), so registering costs the same however many versions there are.
     """
     meta = read_meta(bundle)
     models = Path(root) / name
     models.mkdir(parents=True, exist_ok=True)
-    for version in versions(root, name):
-        if BundleMeta.load(models / str(version)).weights_sha256 == meta.weights_sha256:
+    for version in versions(root, name):  # an ensemble is the same bundle only with the same members
+        if BundleMeta.load(models / str(version)).weight_files() == meta.weight_files():
             return models / str(version)
     staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=models))
     shutil.copytree(bundle, staging, dirs_exist_ok=True)
@@ -299,3 +395,9 @@ def resolve(reference: str, root: str | Path) -> Path:
         raise BundleError(f"{name} has no version {version!r}; registered: {', '.join(map(str, known))}, latest, "
                       "best")
     return Path(root) / name / version
+
+
+def store_ood_detector(folder: Path, detector: OodDetector) -> None:
+    """Write ``detector`` into the bundle at ``folder`` as ``ood.npz`` and record its checksum in ``bundle.json``."""
+    path = detector.save(folder)
+    dataclasses.replace(BundleMeta.load(folder), ood_sha256=sha256_file(path)).save(folder)

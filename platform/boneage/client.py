@@ -147,11 +147,16 @@ def query_service(query: QueryConfig) -> dict[str, Any]:
 
 
 def describe_answer(answer: dict[str, Any]) -> str:
-    """One line for people: bone age with its interval, sex, SDS and determination when known, model version."""
+    """One line for people: bone age with its interval (and an ensemble's spread, the out-of-distribution score
+    when the model has a detector), sex, SDS and determination when known, model version."""
     text = f"bone age {answer['bone_age_months']:.1f} months ({answer['bone_age']})"
     if answer.get("interval_months"):
         low, high = answer["interval_months"]
         text += f", {answer['interval_level']:.0%} interval {low:.1f}-{high:.1f}"
+    if "ensemble_spread_months" in answer:
+        text += f", ensemble members' SD {answer['ensemble_spread_months']:.1f}"
+    if "ood_score" in answer:
+        text += f", out-of-distribution score {answer['ood_score']:.1f}"
     text += (f"{'' if answer.get('calibrated') else ' (not bias-corrected)'}, sex {answer['sex']} "
              f"(from the {answer['sex_source']})")
     if "determination" in answer:

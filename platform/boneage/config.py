@@ -265,6 +265,19 @@ class TuneConfig:
                                roles=Role.NONE, doc="CPUs left free for Ray Data while trials run")
     scheduler: Literal["asha", "fifo"] = setting("asha", roles=Role.RUN_NAME,
                                                  doc="asha stops weak trials early; fifo runs all to the end")
+    ensemble_size: int = setting(1, low=1, high=64, roles=Role.NONE,
+                                 doc="export the best trials as ONE bundle answering their mean (issue 15); 1: the "
+                                     "best trial alone. Rerunning a finished sweep with another size re-exports it")
+
+
+@dataclass
+class EnsembleConfig:
+    """``jobs/ensemble.py``: registered bundles exported as one ensemble bundle."""
+
+    members: list[str] = setting(factory=list, doc="bundle folders or registry references (<name>:<version>), the "
+                                                   "best first: its network reads the out-of-distribution features")
+    data: str = setting("", doc="prepared dataset the ensemble's signals are fitted on (its validation split); "
+                                "empty: the one the members were trained on")
 
 
 TtaChoice = Literal["none", "flip", "rotate", "flip+rotate"]  # the views of boneage.tta.VIEWS
@@ -284,6 +297,10 @@ class AnswerConfig:
                                          "all six), one forward pass of V times the images (boneage.tta); none "
                                          "by default: on the thumbnails, rotate's 1.4% lower MAE costs 1.9-3.2x "
                                          "the latency (bench/results/tta.json)")
+    reject_ood: bool = setting(True, doc="refuse images the bundle's out-of-distribution detector places above its "
+                                         "threshold (not hand radiographs): 422 not_a_hand_radiograph from the "
+                                         "service, a not_a_hand_radiograph row in the bulk jobs' rejects; false: "
+                                         "answer them, each with its ood_score")
 
 
 @dataclass
@@ -376,6 +393,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)

@@ -2,9 +2,15 @@
 
 The Serve deployment, the plain FastAPI server of the latency benchmark and offline scripts share this code.
 
+Every answer comes with what it rests on (:class:`Answers`): the bias correction, the interval, the
+out-of-distribution score (read off the answering forward pass by :class:`~boneage.ood.FeatureTap`) and, for an
+ensemble bundle, the spread of its members' answers. An ensemble answers the mean of its members, each run on the
+whole batch, so batching works as for one model.
+
 Grad-CAM (pytorch-grad-cam) works by hooks on a layer. Hooks on the model that serves predictions would record
 every batch that passes, so explanations run on a private copy of the model, one at a time under a lock: two
-concurrent requests can never mix their activations or gradients, and predictions never see a hook.
+concurrent requests can never mix their activations or gradients, and predictions never see a Grad-CAM hook. An
+ensemble's heat map is the mean of its members' maps.
 
 Heat-map methods are named (:data:`EXPLAINERS`): a pytorch-grad-cam class, the conv blocks it reads, the regression
 target and whether the black padding is masked. :data:`DEFAULT_EXPLAINER` is the one that finds the hand: the
@@ -31,6 +37,7 @@ from boneage.config import AnswerConfig, ServeConfig
 from boneage.errors import JobError
 from boneage.imaging import is_dicom, load_radiograph_sizes
 from boneage.model import BoneAgeNet
+from boneage.ood import FeatureTap
 from boneage.precision import autocast_for, describe, resolve_precision
 from boneage.tta import forward_views
 
@@ -45,10 +52,27 @@ class Radiograph:
 
 
 @dataclass
-class Explanation:
-    """A prediction with its Grad-CAM heat map."""
+class Answers:
+    """A batch's bone ages as served, and what each one's trust rests on (all arrays (B,))."""
 
-    bone_age_months: float
+    months: np.ndarray  # as served: bias-corrected when the predictor is calibrated
+    raw_months: np.ndarray  # the network's (an ensemble's: its members' mean)
+    ood_scores: np.ndarray | None  # distance from the training hands; None when the bundle has no detector
+    unlike_hands: np.ndarray  # bool: above the detector's threshold, and the predictor rejects such images
+    spread: np.ndarray | None  # an ensemble's members' SD in months; None for a single model
+
+    def row(self, index: int) -> Answers:
+        """The answers of image ``index`` alone (a batch of one)."""
+        pick = slice(index, index + 1)
+        return Answers(self.months[pick], self.raw_months[pick],
+                       None if self.ood_scores is None else self.ood_scores[pick], self.unlike_hands[pick],
+                       None if self.spread is None else self.spread[pick])
+
+
+@dataclass
+class Explanation:
+    """A Grad-CAM heat map of one radiograph."""
+
     heatmap: np.ndarray  # (S, S) float32 in [0, 1]: where the evidence for this bone age lies
     overlay_png: bytes  # the display canvas with the heat map blended over it
 
@@ -153,23 +177,30 @@ def padding_mask(canvases: np.ndarray) -> np.ndarray:
 
 
 class BoneAgePredictor:
-    """A loaded bundle ready to answer: ``predict`` for batches, ``explain`` for one image with Grad-CAM."""
+    """A loaded bundle ready to answer: :meth:`answer` (and ``predict``) for batches, ``explain`` for one image's
+    Grad-CAM heat map. ``answers`` holds the settings the service and the bulk jobs share (bias correction,
+    interval level, test-time augmentation, out-of-distribution rejection)."""
 
-    def __init__(self, bundle: LoadedBundle, overlay_size: int = 384, max_megapixels: float = 64.0,
-                 precision: str = "auto", device: str = "cpu", explainer_name: str = DEFAULT_EXPLAINER,
-                 calibrate: bool = AnswerConfig.calibrate,
-                 interval_level: float = AnswerConfig.interval_level, tta: str = AnswerConfig.tta):
+    def __init__(self, bundle: LoadedBundle, answers: AnswerConfig | None = None, overlay_size: int = 384,
+                 max_megapixels: float = 64.0, precision: str = "auto", device: str = "cpu",
+                 explainer_name: str = DEFAULT_EXPLAINER):
+        settings = answers or AnswerConfig()
         self.bundle = bundle
         self.trust = bundle.meta.trust  # None for a bundle written before format 2: raw answers, no intervals
-        self.calibrated = calibrate and self.trust is not None
-        self.interval_level = interval_level
-        self.tta = tta  # a choice of boneage.tta.VIEWS: the views each answer averages
+        self.calibrated = settings.calibrate and self.trust is not None
+        self.interval_level = settings.interval_level
+        self.tta = settings.tta  # a choice of boneage.tta.VIEWS: the views each answer averages
+        self.ood = bundle.ood  # None: the bundle has no detector, every image is answered
+        self.rejects_ood = settings.reject_ood and self.ood is not None
         self.image_size = bundle.meta.image_size
         self.overlay_size = overlay_size
         self.max_megapixels = max_megapixels
-        explain_net = copy.deepcopy(bundle.model).eval()  # fp32, contiguous: Grad-CAM as pytorch-grad-cam computes it
+        # fp32, contiguous copies: Grad-CAM as pytorch-grad-cam computes it
+        self._explainers = [_SexConditioned(copy.deepcopy(net).eval()) for net in bundle.members]
         self.device = torch.device(device)  # of predictions (bulk scoring on GPU actors); Grad-CAM stays on the CPU
-        self.model = bundle.model.eval().to(self.device, memory_format=torch.channels_last)
+        self.members = [net.eval().to(self.device, memory_format=torch.channels_last) for net in bundle.members]
+        self.model = self.members[0]
+        self._tap = FeatureTap(self.model, self.ood.stages) if self.ood else None  # the detector reads member 0
         # bf16 answers differ from fp32 by about 0.1 month (at most 0.3 in a trained model's 64 phantoms) and do
         # not depend on what else is in the batch; on AMX CPUs a batch of 32 costs 3 ms per image against 15 ms
         # for one image in fp32, which is what makes batching pay.
@@ -177,17 +208,15 @@ class BoneAgePredictor:
         self.precision = resolve_precision(precision, self.device, "predict")  # bf16 | fp32
         self.computes_in = describe(self.device, precision, "predict")  # for logs and /v1/model
         self.explainer_name = explainer(explainer_name) and explainer_name  # checked here, not on the first request
-        self._explainer = _SexConditioned(explain_net)
         self._cam_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: ServeConfig) -> BoneAgePredictor:
         """The bundle ``serve.model_uri`` names (a folder or a registry reference such as ``name:best``), its
         checksum verified, with the service's overlay size and decompression-bomb guard."""
-        return cls(load_bundle(resolve(settings.model_uri, settings.registry_root)),
+        return cls(load_bundle(resolve(settings.model_uri, settings.registry_root)), answers=settings,
                    overlay_size=settings.overlay_size, max_megapixels=settings.max_image_megapixels,
-                   precision=settings.precision, explainer_name=settings.explainer or DEFAULT_EXPLAINER,
-                   calibrate=settings.calibrate, interval_level=settings.interval_level, tta=settings.tta)
+                   precision=settings.precision, explainer_name=settings.explainer or DEFAULT_EXPLAINER)
 
     def decode(self, data: bytes) -> Radiograph:
         """File bytes (PNG, JPEG or DICOM) -> both canvases, the model's exactly as prepare frames the file
@@ -195,10 +224,39 @@ class BoneAgePredictor:
         canvas, display = load_radiograph_sizes(data, (self.image_size, self.overlay_size), self.max_megapixels)
         return Radiograph(canvas, display, dicom_patient_sex(data) if is_dicom(data) else None)
 
+    def answer(self, canvases: np.ndarray, male: np.ndarray) -> Answers:
+        """``canvases`` (B, S, S) uint8 and ``male`` (B,) bool -> the served answers with their trust signals, from
+        one forward pass of each member."""
+        members, features = self._forward(canvases, male)  # (K, B) months, (B, D) or None
+        raw = members.mean(axis=0)
+        scores = self.ood.scores(features) if features is not None else None
+        unlike = scores > self.ood.threshold if self.rejects_ood else np.zeros(len(raw), dtype=bool)
+        spread = members.std(axis=0, ddof=1) if len(members) > 1 else None
+        return Answers(self.correct(raw), raw, scores, unlike, spread)
+
     def predict(self, canvases: np.ndarray, male: np.ndarray) -> np.ndarray:
         """``canvases`` (B, S, S) uint8 and ``male`` (B,) bool -> bone ages (B,) in months, as served: with the
         bundle's bias correction unless it has none or it was turned off."""
-        return self.correct(self.predict_raw(canvases, male))
+        return self.answer(canvases, male).months
+
+    def predict_raw(self, canvases: np.ndarray, male: np.ndarray) -> np.ndarray:
+        """``canvases`` (B, S, S) uint8 and ``male`` (B,) bool -> the network's bone ages (B,) in months (an
+        ensemble's: its members' mean)."""
+        return self.members_raw(canvases, male).mean(axis=0)
+
+    def members_raw(self, canvases: np.ndarray, male: np.ndarray) -> np.ndarray:
+        """Each member's own bone ages (K, B) in months (K = 1 for a single model)."""
+        return self._forward(canvases, male)[0]
+
+    def features(self, canvases: np.ndarray, male: np.ndarray) -> np.ndarray:
+        """The out-of-distribution features (N, D) of ``canvases`` as :meth:`answer` computes them (this
+        predictor's precision; the first member's stages of ``stages``): what a detector is fitted on."""
+        tap = self._tap or FeatureTap(self.model)
+        try:
+            return self._forward(canvases, male, tap)[1]
+        finally:
+            if tap is not self._tap:
+                tap.remove()
 
     def correct(self, raw: np.ndarray) -> np.ndarray:
         """Raw answers (months) -> as served: bias-corrected when the predictor is calibrated."""
@@ -213,24 +271,34 @@ class BoneAgePredictor:
         return intervals.interval(months, male, self.interval_level)
 
     @torch.inference_mode()
-    def predict_raw(self, canvases: np.ndarray, male: np.ndarray) -> np.ndarray:
-        """``canvases`` (B, S, S) uint8 and ``male`` (B,) bool -> the network's bone ages (B,) in months."""
+    def _forward(self, canvases: np.ndarray, male: np.ndarray,
+                 tap: FeatureTap | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Each member's bone ages (K, B) in months, and the first member's tapped features (B, D) (None without a
+        tap)."""
+        tap = tap or self._tap
         images = torch.from_numpy(canvases).unsqueeze(1).to(self.device)  # (B, 1, S, S) uint8: the model scales it
+        sex = torch.from_numpy(male.astype(np.float32)).to(self.device)
+        answers, features = [], None
         with self._autocast:
-            standardised = forward_views(self.model, images,  # (B,), averaged over the views of self.tta
-                                         torch.from_numpy(male.astype(np.float32)).to(self.device), self.tta)
-        return self.bundle.to_months(standardised.float().cpu()).numpy().astype(np.float64)
+            for index, net in enumerate(self.members):
+                if index == 0 and tap is not None:
+                    with tap.collect() as collected:
+                        answers.append(forward_views(net, images, sex, self.tta))  # (B,) over the views of tta
+                    features = tap.features(collected, len(canvases))
+                else:
+                    answers.append(forward_views(net, images, sex, self.tta))
+        standardised = torch.stack(answers).float().cpu()  # (K, B)
+        return self.bundle.to_months(standardised).numpy().astype(np.float64), features
 
     def explain(self, radiograph: Radiograph, male: bool) -> Explanation:
-        """The bone age (exactly what :meth:`predict` answers) and its heat map (the predictor's explainer),
-        blended over the display canvas as a PNG."""
+        """The heat map of the predictor's explainer for one radiograph, blended over its display canvas as a PNG
+        (the answer itself comes from :meth:`answer`)."""
         heatmap = self.heatmaps(radiograph.canvas[None], np.array([male]))[0]  # (S, S) in [0, 1]
-        months = float(self.predict(radiograph.canvas[None], np.array([male]))[0])
-        return Explanation(months, heatmap, self._overlay(radiograph.display, heatmap))
+        return Explanation(heatmap, self._overlay(radiograph.display, heatmap))
 
     def heatmaps(self, canvases: np.ndarray, male: np.ndarray, method: str | None = None) -> np.ndarray:
         """``canvases`` (B, S, S) uint8 and ``male`` (B,) bool -> heat maps (B, S, S) float32 in [0, 1], by the
-        explainer ``method`` names (default: the predictor's, which serving uses)."""
+        explainer ``method`` names (default: the predictor's, which serving uses); an ensemble's members' mean."""
         spec = explainer(method or self.explainer_name)
         maps = [self._cam_batch(spec, canvases[i:i + HEATMAP_BATCH], male[i:i + HEATMAP_BATCH])
                 for i in range(0, len(canvases), HEATMAP_BATCH)]
@@ -241,19 +309,25 @@ class BoneAgePredictor:
         return heat.astype(np.float32)
 
     def _cam_batch(self, spec: ExplainerSpec, canvases: np.ndarray, male: np.ndarray) -> np.ndarray:
-        net = self._explainer.net
+        """The members' mean heat map of one batch."""
         images = torch.from_numpy(canvases).unsqueeze(1)  # (B, 1, S, S) uint8: the model scales it
         with self._cam_lock:  # one explanation at a time: the hooks, the frozen blocks and the sex input are per call
-            self._explainer.male = torch.from_numpy(np.asarray(male, dtype=np.float32))
-            # Gradients are needed only above the lowest block the method reads: the blocks below run without
-            # building a graph, so a top-block map costs about one forward pass, not forward plus backward.
-            net.freeze_bottom_blocks(spec.lowest_block(net))
-            layers = [net.get_submodule(stage.activation) for stage in net.stages if stage.name in spec.blocks]
-            cam = spec.method(self._explainer, layers)
-            try:  # not `with cam`: its __exit__ swallows an IndexError
-                return cam(input_tensor=images, targets=[TARGETS[spec.target]()] * len(canvases))
-            finally:
-                cam.activations_and_grads.release()  # hooks off: the next call may read other layers
+            return np.mean([self._member_cam(spec, wrapped, images, male) for wrapped in self._explainers], axis=0)
+
+    @staticmethod
+    def _member_cam(spec: ExplainerSpec, wrapped: _SexConditioned, images: torch.Tensor,
+                    male: np.ndarray) -> np.ndarray:
+        net = wrapped.net
+        wrapped.male = torch.from_numpy(np.asarray(male, dtype=np.float32))
+        # Gradients are needed only above the lowest block the method reads: the blocks below run without
+        # building a graph, so a top-block map costs about one forward pass, not forward plus backward.
+        net.freeze_bottom_blocks(spec.lowest_block(net))
+        layers = [net.get_submodule(stage.activation) for stage in net.stages if stage.name in spec.blocks]
+        cam = spec.method(wrapped, layers)
+        try:  # not `with cam`: its __exit__ swallows an IndexError
+            return cam(input_tensor=images, targets=[TARGETS[spec.target]()] * len(images))
+        finally:
+            cam.activations_and_grads.release()  # hooks off: the next call may read other layers
 
     def _overlay(self, display: np.ndarray, heatmap: np.ndarray) -> bytes:
         from pytorch_grad_cam.utils.image import show_cam_on_image  # see ExplainerSpec.method

@@ -13,8 +13,12 @@ Why all stages: the top block alone keeps only what helps reading age, and on th
 every non-hand (blank films, noise, text, photographs) lands among the hands there (2% rejected); the lower stages
 keep the texture and contrast statistics that set them apart (99% rejected; ``bench/ood.py``). A mirrored hand
 (a right hand) is accepted, not rejected: a model trained with horizontal flips reads it as well as a left one
-(phantoms: MAE 14.4 against 14.5 months), so :meth:`OodDetector.fit_on_model` adds the mirrored training images'
+(phantoms: MAE 14.4 against 14.5 months), so :meth:`OodDetector.fit_on_images` adds the mirrored training images'
 features to the fit. An inverted (negative) film is rejected: nothing in training looks like it.
+
+Serving reads the features from the forward pass that answers (:class:`FeatureTap`: hooks that keep each stage's
+pooled activation), so rejection costs no second pass; the detector is fitted on features computed the same way
+(the predictor's precision and memory format), so training and serving cannot drift apart.
 
 A detector is stored in a bundle as ONE file, ``ood.npz``: numpy arrays only, read with ``allow_pickle=False``
 (bundles are untrusted files, and a pickle runs code when loaded).
@@ -22,6 +26,9 @@ A detector is stored in a bundle as ONE file, ``ood.npz``: numpy arrays only, re
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,30 +49,70 @@ class OodFileError(JobError, ValueError):
     """``ood.npz`` is missing, damaged, or holds something other than plain arrays."""
 
 
+FeaturesOf = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (canvases (N, S, S) uint8, male (N,)) -> (N, D)
+
+
+class FeatureTap:
+    """The detector's features, read off a network's own forward passes: hooks on the last activation of
+    ``stages`` keep each one averaged over space, for the thread inside :meth:`collect` only (a replica answers
+    from several threads; the hooks stay on, costing nothing to a thread that is not collecting)."""
+
+    def __init__(self, net: BoneAgeNet, stages: tuple[str, ...] = DEFAULT_STAGES):
+        self._local = threading.local()
+        layers = [next(s.activation for s in net.stages if s.name == name) for name in stages]
+        self._hooks = [net.get_submodule(layer).register_forward_hook(self._keep) for layer in layers]
+
+    def _keep(self, _module: torch.nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        sink = getattr(self._local, "sink", None)
+        if sink is not None:
+            sink.append(output.float().mean(dim=(2, 3)))  # (B, C): stages run bottom to top, so in their order
+
+    @contextmanager
+    def collect(self) -> Iterator[list[torch.Tensor]]:
+        """Within the block, this thread's forward passes append each tapped stage's (B, C) pooled activation."""
+        self._local.sink = sink = []
+        try:
+            yield sink
+        finally:
+            self._local.sink = None
+
+    @staticmethod
+    def features(collected: list[torch.Tensor], rows: int) -> np.ndarray:
+        """One forward pass's collected activations -> (rows, D) float32: the first ``rows`` images (the
+        unaugmented view when test-time augmentation stacked several)."""
+        return torch.cat([stage[:rows] for stage in collected], dim=1).cpu().numpy().astype(np.float32)
+
+    def __deepcopy__(self, memo: dict) -> FeatureTap:
+        # A copied network (Grad-CAM's private copy) keeps its hooks, and with them this tap, shared: a thread-local
+        # cannot be copied, and the copy's passes are collected only inside this tap's collect() on the same thread.
+        return self
+
+    def remove(self) -> None:
+        """Take the hooks off the network."""
+        for hook in self._hooks:
+            hook.remove()
+
+
 def pooled_features(net: BoneAgeNet, canvases: np.ndarray, male: np.ndarray, device: str = "cpu",
                     batch_size: int = 64, stages: tuple[str, ...] = DEFAULT_STAGES) -> np.ndarray:
     """The features the detector reads: ``canvases`` (N, S, S) uint8 and ``male`` (N,) bool -> (N, D) float32,
-    each of ``stages``' last activation averaged over space, concatenated bottom to top.
+    each of ``stages``' last activation averaged over space, concatenated bottom to top, in fp32.
 
-    The model's own forward pass computes them (hooks on the stages), so its pixel convention applies as it is.
+    The model's own forward pass computes them, so its pixel convention applies as it is. (A predictor computes
+    them in its own precision: :meth:`boneage.inference.BoneAgePredictor.features`.)
     """
-    layers = [next(s.activation for s in net.stages if s.name == name) for name in stages]
-    captured: list[torch.Tensor] = []
-    hooks = [net.get_submodule(layer).register_forward_hook(
-        lambda _module, _inputs, output: captured.append(output.float().mean(dim=(2, 3)))) for layer in layers]
-    batches = []
+    tap, batches = FeatureTap(net, stages), []
     try:
         with torch.inference_mode():
             for start in range(0, len(canvases), batch_size):
                 image = torch.from_numpy(np.ascontiguousarray(canvases[start:start + batch_size])).unsqueeze(1)
                 sex = torch.from_numpy(np.asarray(male[start:start + batch_size], dtype=np.float32))
-                captured.clear()
-                net(image.to(device), sex.to(device))
-                batches.append(torch.cat(captured, dim=1).cpu().numpy())
+                with tap.collect() as collected:
+                    net(image.to(device), sex.to(device))
+                batches.append(tap.features(collected, len(image)))
     finally:
-        for hook in hooks:
-            hook.remove()
-    return np.concatenate(batches).astype(np.float32) if batches else np.zeros((0, 0), np.float32)
+        tap.remove()
+    return np.concatenate(batches) if batches else np.zeros((0, 0), np.float32)
 
 
 @dataclass
@@ -103,22 +150,26 @@ class OodDetector:
         return detector
 
     @classmethod
-    def fit_on_model(cls, net: BoneAgeNet, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-                     mirrored: bool, max_hand_rejection: float = 0.01, device: str = "cpu") -> OodDetector:
-        """:meth:`fit` on ``net``'s features of ``train`` and ``val`` (each canvases (N, S, S) uint8 and male (N,)
-        bool). ``mirrored``: the model was trained with horizontal flips (``augment.horizontal_flip``), so its
-        training images include right hands; their features join the training set, and a right hand is accepted."""
-        train_features = pooled_features(net, *train, device=device)
+    def fit_on_images(cls, features_of: FeaturesOf, train: tuple[np.ndarray, np.ndarray],
+                      val: tuple[np.ndarray, np.ndarray], mirrored: bool, max_hand_rejection: float = 0.01,
+                      stages: tuple[str, ...] = DEFAULT_STAGES) -> OodDetector:
+        """:meth:`fit` on the features ``features_of`` computes (of ``stages``) for ``train`` and ``val`` (each
+        canvases (N, S, S) uint8 and male (N,) bool). ``mirrored``: the model was trained with horizontal flips
+        (``augment.horizontal_flip``), so its training images include right hands; their features join the
+        training set, and a right hand is accepted."""
+        train_features = features_of(*train)
         if mirrored:
             flipped = np.ascontiguousarray(train[0][:, :, ::-1])
-            train_features = np.concatenate([train_features, pooled_features(net, flipped, train[1], device=device)])
-        return cls.fit(train_features, pooled_features(net, *val, device=device), max_hand_rejection)
+            train_features = np.concatenate([train_features, features_of(flipped, train[1])])
+        return cls.fit(train_features, features_of(*val), max_hand_rejection, stages)
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         """Mahalanobis distance of each row of ``features`` (N, D) from the training mean: (N,), higher = further
         from hands."""
-        z = (np.asarray(features, dtype=np.float64) - self.mean) / self.scale
-        return np.sqrt(np.maximum(np.einsum("nd,de,ne->n", z, self.precision.astype(np.float64), z), 0.0))
+        z = ((np.asarray(features, dtype=np.float32) - self.mean) / self.scale).astype(np.float32)  # (N, D)
+        # float32 products: a served image's score costs one (D, D) product, with no float64 copy of the matrix
+        squared = np.einsum("nd,nd->n", z @ self.precision, z).astype(np.float64)
+        return np.sqrt(np.maximum(squared, 0.0))
 
     def rejects(self, features: np.ndarray) -> np.ndarray:
         """(N,) bool: True where an image is too far from the training hands to be read."""

@@ -38,6 +38,12 @@ class Answer(BaseModel):
     interval_level: float | None = Field(None, description="the interval's coverage, e.g. 0.9")
     calibrated: bool = Field(description="true when the bundle's bias correction (fitted on its validation split) "
                                          "was applied")
+    ood_score: float | None = Field(None, description="out-of-distribution score: how far the image's features lie "
+                                                      "from the training hands' (Mahalanobis distance); above the "
+                                                      "model's threshold (/v1/model) the image is refused as "
+                                                      "not_a_hand_radiograph; null for a bundle without a detector")
+    ensemble_spread_months: float | None = Field(None, description="the SD of an ensemble's members' answers, in "
+                                                                   "months: their disagreement (only for ensembles)")
     sex: Literal["M", "F"] = Field(description="the sex the answer used")
     sex_source: Literal["form", "dicom"] = Field(description="where the sex came from")
     chronological_age_months: float | None = Field(None, description="as given (only with an age)")

@@ -8,8 +8,10 @@ guessed: an image with neither is rejected as ``missing_sex``.
 
 Scoring runs as Ray Data ``map_batches`` over an actor pool: each actor loads the bundle once, reads and frames
 its batch's files with :func:`boneage.imaging.load_radiograph` (the model canvas of prepare and the service) and
-answers with :meth:`boneage.inference.BoneAgePredictor.predict`, the service's own code and precision; so every
-answer is the one the service gives for that file. GPU actors when the cluster has GPUs.
+answers with :meth:`boneage.inference.BoneAgePredictor.answer`, the service's own code and precision; so every
+answer is the one the service gives for that file, and an image the service refuses as not a hand radiograph
+(the bundle's out-of-distribution detector) is a ``not_a_hand_radiograph`` row of the rejects. GPU actors when the
+cluster has GPUs.
 """
 
 from __future__ import annotations
@@ -29,20 +31,22 @@ from boneage.artifacts import atomic_file, file_listing, sha256_file, sha256_jso
 from boneage.bundle import read_meta, resolve
 from boneage.cluster import connect_to_ray, wants_gpu
 from boneage.config import AnswerConfig, ScoringConfig
-from boneage.dataset import images_from_column, read_manifest, split_names, split_path
+from boneage.dataset import images_from_column, prepared_rows, read_manifest, split_names, split_path
 from boneage.errors import JobError
 from boneage.imaging import REJECT_UNDECODABLE, ImageRejected, is_dicom, load_radiograph
 from boneage.rsna import REJECT_AMBIGUOUS_IMAGE, REJECT_COLUMNS, index_images, read_labels, unlabeled_image_rejects
-from boneage.trust import TrustSignals
 
 log = logging.getLogger(__name__)
 
 REJECT_MISSING_SEX = "missing_sex"
+REJECT_NOT_A_HAND = "not_a_hand_radiograph"
 # bone_age_months as served (the bundle's bias correction applied unless turned off); interval_* around it at
-# the settings' level (NaN for a bundle without trust signals); bone_age_months_raw as the network gives it
+# the settings' level (NaN for a bundle without trust signals); bone_age_months_raw as the network gives it;
+# ood_score the distance from the training hands (NaN without a detector); ensemble_spread_months the SD of an
+# ensemble's members (NaN for a single model)
 PREDICTION_COLUMNS = ["id", "sex", "bone_age_months", "interval_low", "interval_high", "bone_age_months_raw",
-                      "boneage", "path"]
-ANSWER_COLUMNS = PREDICTION_COLUMNS[2:6]
+                      "ood_score", "ensemble_spread_months", "boneage", "path"]
+ANSWER_COLUMNS = PREDICTION_COLUMNS[2:8]
 INPUT_COLUMNS = ["id", "path", "sex", "boneage"]  # a file to score; sex "" when the labels do not give it
 SEX_LETTER = {True: "M", False: "F"}
 
@@ -77,6 +81,8 @@ class ScoredSet:
     training_mean_months: float  # the bundle's target mean: the predict-the-training-mean baseline
     calibrated: bool = False  # bone_age_months has the bundle's bias correction applied
     interval_level: float | None = None  # of interval_low/high; None: the bundle has no intervals
+    ood_threshold: float | None = None  # ood_score above it is not a hand; None: the bundle has no detector
+    ensemble_size: int = 1  # models averaged per answer; above 1, ensemble_spread_months is their SD
 
     def describe_answers(self) -> str:
         """One line on what the answers carry: the bias correction and the intervals, or why not."""
@@ -109,7 +115,15 @@ def score(settings: ScoringConfig, registry_root: str) -> ScoredSet:
     return ScoredSet(predictions=predictions, rejects=rejects, source=inputs.source, bundle_path=bundle,
                      bundle_reference=settings.bundle, bundle_sha256=meta.weights_sha256,
                      training_mean_months=meta.target.mean, calibrated=settings.calibrate and meta.trust is not None,
-                     interval_level=settings.interval_level if meta.trust is not None else None)
+                     interval_level=settings.interval_level if meta.trust is not None else None,
+                     ood_threshold=_ood_threshold(bundle) if meta.ood_sha256 else None,
+                     ensemble_size=len(meta.member_models()))
+
+
+def _ood_threshold(bundle: Path) -> float:
+    from boneage.ood import OodDetector
+
+    return OodDetector.load(bundle).threshold
 
 
 def collect_inputs(settings: ScoringConfig, image_size: int) -> _Inputs:
@@ -195,9 +209,7 @@ class BatchScorer:
 
         torch.set_num_threads(threads)  # the actor's reserved CPUs: more threads only contend on a shared node
         self.image_size, self.max_megapixels = image_size, max_megapixels
-        self.predictor = BoneAgePredictor(load_bundle(bundle), max_megapixels=max_megapixels, device=device,
-                                          calibrate=answers.calibrate, interval_level=answers.interval_level,
-                                          tta=answers.tta)
+        self.predictor = BoneAgePredictor(load_bundle(bundle), answers, max_megapixels=max_megapixels, device=device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "image" in batch:  # a prepared split: decoded already, sex known
@@ -208,23 +220,22 @@ class BatchScorer:
         else:
             paths = batch["path"]
             canvases, sex, reasons = self._read_files(paths, batch["sex"])
-        answers = {column: np.full(len(canvases), math.nan) for column in ANSWER_COLUMNS}
+        columns = {column: np.full(len(canvases), math.nan) for column in ANSWER_COLUMNS}
         ok = reasons == ""
         if ok.any():
-            answers.update(self._answer(canvases[ok], sex[ok] == "M", ok))
+            answers = self.predictor.answer(canvases[ok], sex[ok] == "M")
+            interval = self.predictor.interval(answers.months, sex[ok] == "M") or (math.nan, math.nan)
+            for name, values in zip(ANSWER_COLUMNS, (answers.months, *interval, answers.raw_months,
+                                                     answers.ood_scores, answers.spread)):
+                columns[name][ok] = math.nan if values is None else values
+            for row in np.flatnonzero(ok)[answers.unlike_hands]:
+                reasons[row] = self._not_a_hand(columns["ood_score"][row])
         return {"id": batch["id"], "path": paths, "sex": sex, "boneage": batch["boneage"].astype(np.float64),
-                **answers, "reason": reasons}
+                **columns, "reason": reasons}
 
-    def _answer(self, canvases: np.ndarray, male: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """The ANSWER_COLUMNS of the usable ``rows`` (a mask over the batch), NaN elsewhere."""
-        raw = self.predictor.predict_raw(canvases, male)
-        months = self.predictor.correct(raw)
-        interval = self.predictor.interval(months, male) or (math.nan, math.nan)
-        columns = {}
-        for name, values in zip(ANSWER_COLUMNS, (months, *interval, raw)):
-            columns[name] = np.full(len(rows), math.nan)
-            columns[name][rows] = values
-        return columns
+    def _not_a_hand(self, score: float) -> str:
+        return (f"{REJECT_NOT_A_HAND}: out-of-distribution score {score:.1f} above the model's threshold "
+                f"{self.predictor.ood.threshold:.1f}: unlike the hand radiographs it was trained on")
 
     def _read_files(self, paths: np.ndarray, sexes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Model canvases, sex (given, or the DICOM header's) and reject reasons ('' when usable) of files."""
@@ -260,7 +271,7 @@ def _run_actors(inputs: _Inputs, settings: ScoringConfig, bundle: Path) -> pd.Da
 
     from boneage.dataset import quiet_context
 
-    table = inputs.files if inputs.files is not None else _prepared_rows(settings.data, settings.split)
+    table = inputs.files if inputs.files is not None else prepared_rows(settings.data, settings.split)
     if table.empty:
         return pd.DataFrame(columns=[*PREDICTION_COLUMNS, "reason"])
     context = quiet_context()
@@ -286,50 +297,6 @@ def _run_actors(inputs: _Inputs, settings: ScoringConfig, bundle: Path) -> pd.Da
                                           **dict.fromkeys(["boneage", *ANSWER_COLUMNS], "float64")})
 
 
-def fit_trust_signals(bundle: Path, data: str, split: str = "val") -> TrustSignals | None:
-    """A bundle's trust signals, fitted on its raw answers for the prepared ``split`` of ``data`` (when the bundle
-    is exported); None for an empty split. The answers come from GPU actors when the cluster has GPUs (a large
-    model on a CPU head would take minutes), else from this process (no actors to start; also when this process
-    is not connected to a cluster, e.g. re-exporting a finished run)."""
-    import ray
-
-    gpus = ray.is_initialized() and wants_gpu("auto", "use_gpu")
-    answers = raw_answers_on_gpus(bundle, data, split) if gpus else raw_answers_here(bundle, data, split)
-    if answers.empty:
-        return None
-    return TrustSignals.fit(answers["raw_months"], answers["boneage"], answers["male"].to_numpy(bool))
-
-
-def raw_answers_on_gpus(bundle: Path, data: str, split: str, use_gpu: bool = True) -> pd.DataFrame:
-    """What :func:`raw_answers_here` gives, scored by Ray Data actors (one per GPU with ``use_gpu``)."""
-    settings = ScoringConfig(bundle=str(bundle), data=data, split=split, calibrate=False, use_gpu=use_gpu)
-    answers = score(settings, registry_root="").predictions
-    return pd.DataFrame({"id": answers["id"], "male": answers["sex"] == "M", "boneage": answers["boneage"],
-                         "raw_months": answers["bone_age_months_raw"]})
-
-
-def raw_answers_here(bundle: Path, data: str, split: str, batch_size: int = 64) -> pd.DataFrame:
-    """``id, male, boneage, raw_months``: the bundle's uncorrected answers for a prepared split, computed in this
-    process without Ray (on its GPU when it has one): for a validation split, faster than starting actors."""
-    import torch
-
-    from boneage.bundle import load_bundle
-    from boneage.inference import BoneAgePredictor
-
-    rows = _prepared_rows(data, split)
-    predictor = BoneAgePredictor(load_bundle(bundle), calibrate=False,
-                                 device="cuda" if torch.cuda.is_available() else "cpu")
-    male, images = rows["male"].to_numpy(bool), rows["image"].to_numpy()
-    raw = [predictor.predict_raw(images_from_column(images[i:i + batch_size], predictor.image_size),
-                                 male[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
-    return rows[["id", "male", "boneage"]].assign(raw_months=np.concatenate(raw) if raw else np.zeros(0))
-
-
-def _prepared_rows(data: str, split: str) -> pd.DataFrame:
-    """A prepared split's rows (id, image bytes, boneage, male), read here in file order."""
-    return pq.read_table(split_path(data, split), columns=["id", "image", "boneage", "male"]).to_pandas()
-
-
 def _auto_actors(gpu: bool) -> int:
     """One actor per GPU, or per CPU of the cluster."""
     import ray
@@ -339,13 +306,16 @@ def _auto_actors(gpu: bool) -> int:
 
 def write_predictions(scored: ScoredSet, out_csv: str | Path) -> tuple[Path, Path]:
     """Write ``id, sex, bone_age_months`` (with ``interval_low, interval_high`` when the bundle has intervals,
-    ``bone_age_months_raw`` when the answers are bias-corrected, ``boneage`` when any true age is known) to
+    ``bone_age_months_raw`` when the answers are bias-corrected, ``ood_score`` when it has an out-of-distribution
+    detector, ``ensemble_spread_months`` for an ensemble, ``boneage`` when any true age is known) to
     ``out_csv`` and the rejects to ``<stem>.rejects.csv`` beside it, each atomically; return both paths."""
     out_csv = Path(out_csv)
     rejects_csv = out_csv.with_name(f"{out_csv.stem}.rejects.csv")
     columns = ["id", "sex", "bone_age_months"]
     columns += ["interval_low", "interval_high"] if scored.interval_level is not None else []
     columns += ["bone_age_months_raw"] if scored.calibrated else []
+    columns += ["ood_score"] if scored.ood_threshold is not None else []
+    columns += ["ensemble_spread_months"] if scored.ensemble_size > 1 else []
     columns += ["boneage"] if scored.predictions["boneage"].notna().any() else []
     with atomic_file(out_csv) as tmp:
         scored.predictions[columns].to_csv(tmp, index=False)

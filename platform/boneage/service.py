@@ -25,7 +25,7 @@ from ray.serve.metrics import Histogram
 from boneage.api import create_api
 from boneage.bundle import load_bundle, resolve
 from boneage.config import ServeConfig, parse_section, to_dict
-from boneage.inference import BoneAgePredictor
+from boneage.inference import Answers, BoneAgePredictor
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +84,19 @@ class BoneAgeService:
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self, self.settings)
 
-    async def predict(self, canvas: np.ndarray, male: bool) -> float:
-        """One image's bone age, computed in a batch with whatever else arrived within the batch wait."""
+    async def answer(self, canvas: np.ndarray, male: bool) -> Answers:
+        """One image's answers, computed in a batch with whatever else arrived within the batch wait."""
         return await self._predict_batch((canvas, male))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # both reset from the settings in __init__
-    async def _predict_batch(self, items: list[tuple[np.ndarray, bool]]) -> list[float]:
+    async def _predict_batch(self, items: list[tuple[np.ndarray, bool]]) -> list[Answers]:
         canvases = np.stack([canvas for canvas, _ in items])  # (B, S, S) uint8
         male = np.array([m for _, m in items])  # (B,)
         self.batch_sizes[len(items)] += 1
         self.metrics.batch(len(items))
         # In a worker thread: the replica's event loop keeps taking requests, which form the next batch.
-        return (await asyncio.to_thread(self.predictor.predict, canvases, male)).tolist()
+        answers = await asyncio.to_thread(self.predictor.answer, canvases, male)
+        return [answers.row(i) for i in range(len(items))]
 
     def runtime(self) -> dict[str, Any]:
         """This replica's batching so far (``/v1/model``): how many model calls of each batch size."""

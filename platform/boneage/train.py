@@ -36,7 +36,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, L
 from ray.train.torch import TorchTrainer
 
 from boneage.artifacts import atomic_directory
-from boneage.bundle import (BundleMeta, DataSource, TargetScale, promote_if_better, read_meta, reference, register,
+from boneage.bundle import (BundleMeta, DataSource, TargetScale, promote_if_better, reference, register,
                             write_bundle)
 from boneage.cluster import connect_to_ray, wants_gpu
 from boneage.config import Config, config_from_dict, derived_name, settings_fingerprint, to_dict
@@ -46,7 +46,7 @@ from boneage.engine import EpochProgress, EvalSums, TrainStep, evaluate, synchro
 from boneage.errors import JobError
 from boneage.model import NUM_BLOCKS, build_model
 from boneage.precision import describe
-from boneage.scoring import fit_trust_signals
+from boneage.signals import attach_signals
 
 log = logging.getLogger(__name__)
 
@@ -465,7 +465,17 @@ def best_checkpoint(result: ray.train.Result, name: str) -> tuple[Checkpoint, di
 
 
 def export_bundle(checkpoint: Checkpoint, cfg: Config, plan: RunPlan, metrics: dict[str, Any], name: str) -> Path:
-    """Write the checkpoint as a model bundle and register it as the next version in the registry."""
+    """Write the checkpoint as a model bundle with its trust signals and out-of-distribution detector, and
+    register it as the next version in the registry."""
+    with tempfile.TemporaryDirectory() as staging:
+        bundle = write_checkpoint_bundle(checkpoint, cfg, plan, metrics, name, Path(staging))
+        attach_signals(bundle, cfg.data.out)
+        return register(bundle, cfg.registry.root, cfg.registry.name)
+
+
+def write_checkpoint_bundle(checkpoint: Checkpoint, cfg: Config, plan: RunPlan, metrics: dict[str, Any], name: str,
+                            folder: Path) -> Path:
+    """A training checkpoint as a bundle in ``folder``, described by the run's settings (no signals yet)."""
     meta = BundleMeta(
         name=cfg.registry.name, model=cfg.model, image_size=plan.image_size, target=plan.target,
         data=DataSource(manifest_fingerprint=plan.manifest["fingerprint"],
@@ -473,25 +483,9 @@ def export_bundle(checkpoint: Checkpoint, cfg: Config, plan: RunPlan, metrics: d
         metrics={**_numbers(metrics), "val_mae_mean_baseline": plan.baseline_mae}, run=name,
         checkpoint=checkpoint.path, preprocessing=plan.manifest["preprocessing"], train=to_dict(cfg.train),
         augment=to_dict(cfg.augment))
-    with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as staging:
-        state = torch.load(Path(folder) / MODEL_FILE, map_location="cpu", weights_only=True)
-        write_bundle(Path(staging), state, meta)
-        attach_trust_signals(Path(staging), cfg.data.out)
-        return register(Path(staging), cfg.registry.root, cfg.registry.name)
-
-
-def attach_trust_signals(bundle: Path, prepared: str) -> None:
-    """Fit the bundle's bias correction and intervals on the validation split it was chosen on, and record them
-    in its ``bundle.json`` (issue 15): every exported bundle carries them."""
-    log.info("fitting the bias correction and prediction intervals on the validation split ...")
-    trust = fit_trust_signals(bundle, prepared)
-    if trust is None:
-        log.warning("the validation split of %s is empty: the bundle has no bias correction or intervals", prepared)
-        return
-    dataclasses.replace(read_meta(bundle), trust=trust).save(bundle)
-    raw, corrected = trust.val_raw.overall, trust.val_calibrated.overall
-    log.info("bias correction: val MAE %.2f -> %.2f months, bias %+.2f -> %+.2f (true = %.3f x predicted %+.2f)",
-             raw.mae, corrected.mae, raw.bias, corrected.bias, trust.calibration.slope, trust.calibration.intercept)
+    with checkpoint.as_directory() as checkpoint_folder:
+        state = torch.load(Path(checkpoint_folder) / MODEL_FILE, map_location="cpu", weights_only=True)
+    return write_bundle(folder, state, meta)
 
 
 def mean_baseline_mae(val: ray.data.Dataset, train_mean: float) -> float:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,9 @@ from boneage.bundle import promote_if_better
 from boneage.cluster import connect_to_ray
 from boneage.config import Config, ConfigError, Role, config_from_dict, derived_name, keys_with, to_dict, with_overrides
 from boneage.dataset import read_manifest
+from boneage.ensemble import export_ensemble
 from boneage.errors import JobError
-from boneage.train import (REPORTED_METRICS, RunPlan, export_bundle, make_trainer, plan_run,
+from boneage.train import (REPORTED_METRICS, RunPlan, export_bundle, make_trainer, plan_run, write_checkpoint_bundle,
                            storage_path, waiting_for_workers)
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,8 @@ class SweepOutcome:
 
     leaderboard: Path  # the CSV; the Markdown table sits beside it
     table: pd.DataFrame
-    bundle: Path | None  # the best trial's best checkpoint as a registered bundle (None if every trial failed)
+    bundle: Path | None  # the best trial's best checkpoint (or the best trials' ensemble) as a registered bundle
+    # (None if every trial failed)
     promoted: bool
     promotion: str  # why best moved or stayed
 
@@ -272,18 +275,43 @@ def write_leaderboard(table: pd.DataFrame, folder: Path) -> Path:
 
 def _export_best(results: tune.ResultGrid, table: pd.DataFrame, board: Path, cfg: Config, plan: RunPlan,
                  name: str) -> SweepOutcome:
-    ok = [r for r in results if r.error is None and r.metrics_dataframe is not None
-          and CHECKPOINT_PATH_KEY in r.metrics_dataframe]
+    """Export the best trial, or the ``tune.ensemble_size`` best as one ensemble, and promote it if it is better."""
+    metric = cfg.tune.metric
+    ok = sorted((r for r in results if r.error is None and r.metrics_dataframe is not None
+                 and CHECKPOINT_PATH_KEY in r.metrics_dataframe), key=lambda r: r.metrics_dataframe[metric].min())
     if not ok:
         return SweepOutcome(board, table, None, False, "every trial failed: nothing to export; best stays")
-    metric = cfg.tune.metric
-    best_result = min(ok, key=lambda r: r.metrics_dataframe[metric].min())
-    history = best_result.metrics_dataframe.dropna(subset=[CHECKPOINT_PATH_KEY])
-    best_row = history.loc[history[metric].idxmin()]
-    trial_cfg = trial_config(best_result.config)  # what the trial trained with, from Tune's record of it
-    checkpoint = Checkpoint(best_row[CHECKPOINT_PATH_KEY])
-    metrics = {k: best_row[k] for k in REPORTED_METRICS if k in best_row}
-    trial_id = Path(best_result.path).name.removeprefix("trial-")
-    bundle = export_bundle(checkpoint, trial_cfg, plan, metrics, f"{name}-{trial_id}")
+    best = [_trial_best(result, metric, name) for result in ok[:cfg.tune.ensemble_size]]
+    if len(best) > 1:
+        bundle = _export_ensemble(best, cfg, plan)
+    else:
+        bundle = export_bundle(best[0].checkpoint, best[0].cfg, plan, best[0].metrics, best[0].run)
     promotion = promote_if_better(bundle, cfg.registry.root, cfg.registry.name)
     return SweepOutcome(board, table, bundle, promotion.promoted, promotion.message)
+
+
+@dataclass
+class TrialBest:
+    """A trial's best checkpoint, with what it reported there and the settings it trained with."""
+
+    checkpoint: Checkpoint
+    metrics: dict[str, Any]
+    cfg: Config
+    run: str  # <sweep>-<trial id>
+
+
+def _trial_best(result: tune.Result, metric: str, sweep: str) -> TrialBest:
+    history = result.metrics_dataframe.dropna(subset=[CHECKPOINT_PATH_KEY])
+    row = history.loc[history[metric].idxmin()]
+    # trial_config: what the trial trained with, from Tune's record of it
+    return TrialBest(Checkpoint(row[CHECKPOINT_PATH_KEY]), {k: row[k] for k in REPORTED_METRICS if k in row},
+                     trial_config(result.config), f"{sweep}-{Path(result.path).name.removeprefix('trial-')}")
+
+
+def _export_ensemble(trials: list[TrialBest], cfg: Config, plan: RunPlan) -> Path:
+    """The trials' best checkpoints, staged as bundles, exported as one registered ensemble (best first)."""
+    with tempfile.TemporaryDirectory() as staging:
+        members = [write_checkpoint_bundle(t.checkpoint, t.cfg, plan, t.metrics, t.run, Path(staging) / f"m{i}")
+                   for i, t in enumerate(trials)]
+        log.info("exporting the %d best trials as one ensemble", len(members))
+        return export_ensemble(members, cfg.data.out, cfg.registry.root, cfg.registry.name)

@@ -46,7 +46,8 @@ def test_a_bundle_json_written_before_bundle_meta_still_loads(tmp_path):
     assert meta.trust is None  # format 1 had no trust signals
     meta.save(tmp_path / "again")  # and it writes back what it read, in this code's format
     assert json.loads((tmp_path / "again" / "bundle.json").read_text()) == {
-        **json.loads(FORMAT_1.read_text()), "trust": None, "format": BUNDLE_FORMAT}
+        **json.loads(FORMAT_1.read_text()), "trust": None, "ood_sha256": "", "members": [],
+        "format": BUNDLE_FORMAT}
 
 
 def test_fields_added_later_load_with_their_defaults_and_unknown_ones_are_ignored(tmp_path):

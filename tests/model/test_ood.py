@@ -66,7 +66,8 @@ def test_the_corpus_is_rejected_and_phantom_hands_left_and_right_are_accepted(tm
     _, net = make_bundle(tmp_path / "bundle", size=SIZE)  # its features, untrained, already tell hands apart
     hands = phantom_canvases(0, 120)
     male = np.arange(len(hands)) % 2 == 0
-    detector = OodDetector.fit_on_model(net, (hands[:80], male[:80]), (hands[80:110], male[80:110]), mirrored=True)
+    detector = OodDetector.fit_on_images(lambda canvases, sexes: pooled_features(net, canvases, sexes),
+                                         (hands[:80], male[:80]), (hands[80:110], male[80:110]), mirrored=True)
     unseen = pooled_features(net, hands[110:], male[110:])
     assert detector.rejects(unseen).mean() <= 0.1
     corpus = ood_corpus(SIZE, seed=0, per_kind=4)

@@ -236,7 +236,7 @@ def test_the_job_writes_predictions_and_names_them_last(trusted, columns, hands,
 
 
 def test_trust_signals_are_fitted_on_the_same_raw_answers_on_actors_or_here(prepared_dir, bundle, ray_session):
-    from boneage.scoring import raw_answers_here, raw_answers_on_gpus
+    from boneage.signals import raw_answers_here, raw_answers_on_gpus
 
     here = raw_answers_here(bundle, str(prepared_dir), "val")
     on_actors = raw_answers_on_gpus(bundle, str(prepared_dir), "val", use_gpu=False)  # the GPU path, on CPUs here
@@ -252,7 +252,7 @@ def test_trust_signals_are_fitted_in_a_process_without_ray(prepared_dir, bundle)
 
     from helpers import ROOT
 
-    code = ("import sys; from boneage.scoring import fit_trust_signals; import ray; "
+    code = ("import sys; from boneage.signals import fit_trust_signals; import ray; "
             "signals = fit_trust_signals(sys.argv[1], sys.argv[2]); "
             "assert not ray.is_initialized(); print(sum(signals.intervals.counts().values()))")
     done = subprocess.run([sys.executable, "-c", code, str(bundle), str(prepared_dir)], cwd=ROOT, capture_output=True,

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from boneage.bundle import BundleMeta, load_bundle
+from boneage.config import AnswerConfig
 from boneage.inference import BoneAgePredictor
 from boneage.metrics import AGE_BANDS, age_band
 from boneage.trust import ConformalIntervals, LinearCalibration, TrustSignals
@@ -67,7 +68,7 @@ def test_trust_signals_round_trip_through_the_bundle_and_are_applied(tmp_path):
     canvases, sexes = np.random.default_rng(2).integers(0, 255, (4, 64, 64), dtype=np.uint8), np.array([1, 0, 1, 0])
     sexes = sexes.astype(bool)
     calibrated = BoneAgePredictor(bundle)
-    raw = BoneAgePredictor(bundle, calibrate=False)
+    raw = BoneAgePredictor(bundle, AnswerConfig(calibrate=False))
     expected = signals.calibration.apply(raw.predict(canvases, sexes))
     assert np.allclose(calibrated.predict(canvases, sexes), expected) and calibrated.calibrated
     low, high = calibrated.interval(expected, sexes)

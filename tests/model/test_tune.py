@@ -14,7 +14,7 @@ import ray
 from ray.tune.search.variant_generator import generate_variants
 
 import boneage.tune
-from boneage.bundle import read_best, resolve
+from boneage.bundle import load_bundle, read_best, resolve
 from boneage.config import load_config
 from boneage.curves import CURVES
 from boneage.dataset import read_manifest
@@ -133,13 +133,22 @@ def free_cpus() -> float:
 
 
 @pytest.mark.slow
-def test_sweep_leaves_a_stronger_best_alone(prepared_dir, tmp_path):
+def test_sweep_leaves_a_stronger_best_alone_and_exports_its_best_trials_as_one_ensemble(prepared_dir, tmp_path):
     cfg = sweep_config(prepared_dir, tmp_path, "tune.num_samples=2", "tune.max_epochs=1")
     seed_best(cfg, read_manifest(prepared_dir), val_mae=0.5)
     outcome = run_sweep(cfg)
     assert not outcome.promoted and "does not beat" in outcome.promotion
     assert outcome.bundle is not None  # registered, just not promoted
     assert read_best(cfg.registry.root, cfg.registry.name)["version"] == 99
+    # The finished sweep, rerun with tune.ensemble_size=2 (not part of its name): no trial reruns, one ensemble
+    again = run_sweep(sweep_config(prepared_dir, tmp_path, "tune.num_samples=2", "tune.max_epochs=1",
+                                   "tune.ensemble_size=2"))
+    assert again.table[["trial", "best_val_mae"]].equals(outcome.table[["trial", "best_val_mae"]])
+    ensemble = load_bundle(again.bundle)
+    assert again.bundle.name == "2" and len(ensemble.members) == 2 and ensemble.ood is not None
+    assert [m.val_mae for m in ensemble.meta.members] == pytest.approx(list(outcome.table["best_val_mae"]))
+    assert ensemble.meta.members[0].weights_sha256 == load_bundle(outcome.bundle).meta.weights_sha256  # best first
+    assert not again.promoted
 
 
 @pytest.mark.slow

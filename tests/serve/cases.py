@@ -6,6 +6,8 @@ import io
 import os
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import yaml
 from PIL import Image
 
 from boneage.config import load_config, to_dict
-from helpers import ROOT
+from helpers import ROOT, free_port, wait_until
 from images import gradient, write_bomb_png, write_dicom, write_truncated_png
 
 AGE_FIELD = "chronological_age_months"
@@ -107,3 +109,27 @@ def months_in_process(predictor, data: bytes, sex: str) -> float:
     """The bone age ``predictor`` (the service's model, in this process) gives the file ``data``."""
     canvas = predictor.decode(data).canvas
     return float(predictor.predict(canvas[None], np.array([sex == "M"]))[0])
+
+
+def noise_png(seed: int = 0) -> bytes:
+    """A film of uniform noise: no hand, no radiograph."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (300, 240), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@contextmanager
+def direct_service(registry, *settings: str):
+    """The API on a plain uvicorn server in this process, for the duration of the block."""
+    from boneage.api import direct_server
+
+    server = direct_server(serve_settings(registry, *settings), port=free_port())
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, "the plain uvicorn server to start", timeout=60, interval=0.05)
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

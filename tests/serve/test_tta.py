@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from boneage.bundle import load_bundle
-from boneage.config import ConfigError, load_config
+from boneage.config import AnswerConfig, ConfigError, load_config
 from boneage.inference import BoneAgePredictor
 from boneage.tta import VIEWS, make_views
 from helpers import make_bundle, synthetic_trust
@@ -56,8 +56,8 @@ def test_flip_mirrors_and_rotation_fills_with_black():
 def test_tta_answers_average_the_views(bundle_folder):
     canvases, male = padded_canvases(3, seed=1), np.array([True, False, True])
     bundle = load_bundle(bundle_folder)
-    plain = BoneAgePredictor(bundle, precision="fp32", calibrate=False)
-    flip = BoneAgePredictor(bundle, precision="fp32", calibrate=False, tta="flip")
+    plain = BoneAgePredictor(bundle, AnswerConfig(calibrate=False), precision="fp32")
+    flip = BoneAgePredictor(bundle, AnswerConfig(calibrate=False, tta="flip"), precision="fp32")
     by_hand = (plain.predict(canvases, male) + plain.predict(canvases[:, :, ::-1].copy(), male)) / 2
     assert flip.predict(canvases, male) == pytest.approx(by_hand, abs=1e-3)
     assert np.abs(flip.predict(canvases, male) - plain.predict(canvases, male)).min() > 1e-3  # the views count
@@ -69,17 +69,17 @@ def test_a_flip_invariant_model_answers_the_same_with_and_without_tta(bundle_fol
         for conv in (m for m in bundle.model.modules() if isinstance(m, torch.nn.Conv2d)):
             conv.weight.copy_((conv.weight + conv.weight.flip(-1)) / 2)
     canvases, male = padded_canvases(3, seed=2), np.array([False, True, True])
-    plain = BoneAgePredictor(bundle, precision="fp32", calibrate=False).predict(canvases, male)
-    flip = BoneAgePredictor(bundle, precision="fp32", calibrate=False, tta="flip").predict(canvases, male)
+    plain = BoneAgePredictor(bundle, AnswerConfig(calibrate=False), precision="fp32").predict(canvases, male)
+    flip = BoneAgePredictor(bundle, AnswerConfig(calibrate=False, tta="flip"), precision="fp32").predict(canvases, male)
     assert flip == pytest.approx(plain, abs=1e-3)
 
 
-def test_explain_answers_what_predict_answers_with_tta(bundle_folder, phantom_dir):
-    predictor = BoneAgePredictor(load_bundle(bundle_folder), overlay_size=96, tta="flip+rotate")
+def test_the_setting_reaches_the_answers(bundle_folder, phantom_dir):
+    predictor = BoneAgePredictor(load_bundle(bundle_folder), AnswerConfig(tta="flip+rotate"), overlay_size=96)
     radiograph = predictor.decode(sorted(phantom_dir.rglob("*.png"))[0].read_bytes())
     predicted = predictor.predict(radiograph.canvas[None], np.array([True]))[0]
-    assert predictor.explain(radiograph, True).bone_age_months == pytest.approx(predicted, abs=1e-6)
-    plain = BoneAgePredictor(load_bundle(bundle_folder), tta="none")
+    assert predictor.answer(radiograph.canvas[None], np.array([True])).months[0] == predicted
+    plain = BoneAgePredictor(load_bundle(bundle_folder), AnswerConfig(tta="none"))
     assert abs(predicted - plain.predict(radiograph.canvas[None], np.array([True]))[0]) > 1e-3
 
 

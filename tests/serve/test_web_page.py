@@ -15,7 +15,7 @@ import pytest
 import requests
 from playwright.sync_api import ConsoleMessage, Page, expect
 
-from cases import AGE_FIELD, post
+from cases import AGE_FIELD, direct_service, noise_png, post
 from helpers import headless_chromium
 from images import write_dicom, write_png16
 
@@ -117,6 +117,7 @@ def test_the_page_shows_the_api_answer_and_the_heat_map(home, service_url, phant
     low, high = expected["interval_months"]  # tiny:1 carries trust signals
     assert page.text_content("#interval") == f"{low:.1f} to {high:.1f}" and page.text_content("#level") == "90"
     assert page.text_content("#calibrated") == "bias-corrected" and page.is_visible("#interval-row")
+    assert not page.is_visible("#spread-row") and not page.is_visible("#ood-row")  # tiny:1: one model, no detector
     assert page.text_content("#version") == f"tiny version {expected['model']['version']}"
     shown_png(page, "#overlay")
     assert page.evaluate("document.getElementById('overlay').naturalWidth") == 128  # the overlay decoded
@@ -189,3 +190,23 @@ def test_the_api_docs_render_offline(visit, request, server, docs):
     for path in ("/v1/predict", "/v1/explain", "/v1/model"):
         visit.page.get_by_text(path).first.wait_for(timeout=60_000)
     visit.assert_clean(refused=(REDOCLY_LOGO,) if docs == "redoc" else ())
+
+
+def test_the_page_shows_an_ensembles_spread_and_refuses_what_is_not_a_hand(visit, ensemble_registry, phantoms,
+                                                                             tmp_path):
+    page = visit.page
+    with direct_service(ensemble_registry, "serve.model_uri=ens:1") as url:
+        page.goto(f"{url}/")
+        header_resolved(page)
+        png, sex = phantoms[0]
+        (tmp_path / "hand.png").write_bytes(png)
+        expected = post(url, "predict", png, sex=sex).json()
+        assess(page, tmp_path / "hand.png", sex)
+        assert page.text_content("#spread") == f"{expected['ensemble_spread_months']:.1f}"
+        assert page.text_content("#ood") == f"{expected['ood_score']:.1f}" and page.is_visible("#ood-row")
+        (tmp_path / "noise.png").write_bytes(noise_png())
+        page.set_input_files("#file", str(tmp_path / "noise.png"))
+        page.click("#submit")
+        expect(page.locator("#error")).to_contain_text("does not look like the hand radiographs", timeout=30_000)
+    assert visit.blocked == []
+
