@@ -6,8 +6,8 @@ numbers). Training
 images' features define a Gaussian: each feature standardised by its training mean and SD, then a covariance
 shrunk towards a multiple of the identity with Ledoit and Wolf's estimate (scikit-learn's ``LedoitWolf``; a few
 thousand images against a thousand dimensions need the shrinkage to be invertible). An image's score is its
-Mahalanobis distance from that mean; the threshold is the validation scores' quantile that rejects at most
-``max_hand_rejection`` (1%) of real hands.
+Mahalanobis distance from that mean; the threshold is the validation scores' split-conformal order statistic, so
+that a new real hand is rejected with probability at most ``max_hand_rejection`` (1%).
 
 Why all stages: the top block alone keeps only what helps reading age, and on the RSNA thumbnails model nearly
 every non-hand (blank films, noise, text, photographs) lands among the hands there (2% rejected); the lower stages
@@ -38,6 +38,7 @@ import torch
 from boneage.artifacts import atomic_file
 from boneage.errors import JobError
 from boneage.model import BoneAgeNet
+from boneage.trust import conformal_rank
 
 OOD_FILE = "ood.npz"
 METHOD = "mahalanobis-ledoit-wolf"
@@ -143,9 +144,12 @@ class OodDetector:
         detector = cls(tuple(stages), mean.astype(np.float32), scale.astype(np.float32),
                        estimate.precision_.astype(np.float32), threshold=np.inf, val_rejection=0.0,
                        max_hand_rejection=max_hand_rejection)
-        val_scores = detector.scores(val_features)
-        # "higher": a score of the validation set itself, so that at most the allowed share lies strictly above it
-        detector.threshold = float(np.quantile(val_scores, 1.0 - max_hand_rejection, method="higher"))
+        val_scores = np.sort(detector.scores(val_features))
+        # Split conformal's order statistic, as for the intervals: a NEW hand like the validation ones scores above
+        # it with probability at most max_hand_rejection (the plain quantile promises that only for the validation
+        # hands themselves). With too few validation hands for the rank, their highest score.
+        rank = conformal_rank(len(val_scores), 1.0 - max_hand_rejection)
+        detector.threshold = float(val_scores[min(rank, len(val_scores)) - 1])
         detector.val_rejection = float(np.mean(val_scores > detector.threshold))
         return detector
 

@@ -84,10 +84,10 @@ class ConformalIntervals:
         band = cell.rsplit(" ", 1)[0]
         for pool in (lambda: self.residuals.get(cell, []), lambda: _merged(self.residuals, f"{band} ")):
             scores = pool()  # merged (and sorted) only when the cell alone is too small: this runs per request
-            if len(scores) >= MIN_CELL_RESIDUALS and _rank(len(scores), level) <= len(scores):
-                return float(scores[_rank(len(scores), level) - 1])
+            if len(scores) >= MIN_CELL_RESIDUALS and conformal_rank(len(scores), level) <= len(scores):
+                return float(scores[conformal_rank(len(scores), level) - 1])
         everything = _merged(self.residuals, "")
-        rank = _rank(len(everything), level)
+        rank = conformal_rank(len(everything), level)
         return float(everything[rank - 1]) if rank <= len(everything) else math.inf
 
     def counts(self) -> dict[str, int]:
@@ -95,7 +95,7 @@ class ConformalIntervals:
         return {cell: len(scores) for cell, scores in self.residuals.items()}
 
 
-def _rank(n: int, level: float) -> int:
+def conformal_rank(n: int, level: float) -> int:
     """Split conformal's order statistic: the ceil((n + 1) level)-th smallest of n residuals."""
     return math.ceil((n + 1) * level - 1e-9)  # (9 + 1) * 0.9 is 9.000000000000002 in floating point
 

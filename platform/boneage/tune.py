@@ -17,6 +17,11 @@ config :func:`trial_config` makes of that record, and its bundle states the same
 Everything is checked before any trial starts: the space, the metric, and that one trial fits the cluster. The
 sweep name is derived from its settings, so rerunning the same command after an interruption resumes the sweep
 and does not rerun finished trials.
+
+The best trial's best checkpoint is exported (with its trust signals and out-of-distribution detector) and
+promoted if it beats ``best``; with ``tune.ensemble_size`` above 1 the best trials are exported as one ensemble
+bundle instead (:mod:`boneage.ensemble`). That setting is not part of the sweep's name: rerunning a finished sweep
+with it only re-exports.
 """
 
 from __future__ import annotations
