@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
 from boneage.artifacts import sha256_json  # noqa: E402
-from boneage.bundle import load_bundle, store_ood_detector  # noqa: E402
+from boneage.bundle import load_bundle, resolve, store_ood_detector  # noqa: E402
 from boneage.inference import BoneAgePredictor  # noqa: E402
 from boneage.dataset import load_split  # noqa: E402
 from boneage.ood import OodDetector, pooled_features  # noqa: E402
@@ -45,11 +45,6 @@ CHOICES = {"block5": ("block5",), "block4-5": ("block4", "block5"), "block3-5": 
            "block1-5": ALL_STAGES}
 NON_HANDS = ("blank", "uniform_noise", "gaussian_noise", "text", "photograph", "chest", "inverted_hand",
              "inverted_test_hand")
-
-
-def latest_version(registry: Path) -> Path:
-    """The newest bundle version under a registry root (the demo registers one model)."""
-    return max(registry.glob("*/[0-9]*"), key=lambda p: (p.stat().st_mtime, p.name))
 
 
 def inverted(canvases: np.ndarray) -> np.ndarray:
@@ -176,7 +171,8 @@ def model_report(bundle_dir: Path, data: Path, cache_root: Path, test_limit: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phantom-bundle", type=Path, default=None, help="default: the newest in outputs/registry")
+    parser.add_argument("--phantom-bundle", type=Path, default=None, help="default: boneage-vgg16:best in "
+                                                                          "outputs/registry (make demo's model)")
     parser.add_argument("--phantom-data", type=Path, default=ROOT / "outputs/prepared/phantoms-32")
     parser.add_argument("--real-bundle", type=Path, default=ROOT.parent / "main/outputs/bench/rsna-thumbs/registry/"
                                                                           "boneage-vgg16-rsna-thumbs/1")
@@ -184,7 +180,7 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, default=400, help="test hands mirrored and inverted")
     parser.add_argument("--cache", type=Path, default=ROOT / "outputs/ood-features")
     args = parser.parse_args()
-    phantom = args.phantom_bundle or latest_version(ROOT / "outputs/registry")
+    phantom = args.phantom_bundle or resolve("boneage-vgg16:best", ROOT / "outputs/registry")  # make demo's
     write_result("ood", {"phantom": model_report(phantom, args.phantom_data, args.cache, args.test_limit),
                          "real_thumbnails": model_report(args.real_bundle, args.real_data, args.cache,
                                                          args.test_limit),
