@@ -31,6 +31,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +226,11 @@ def run_sweep(cfg: Config) -> SweepOutcome:
     results = tuner.fit()
     table = leaderboard(results, list(space), cfg)
     board = write_leaderboard(table, Path(path) if "://" not in path else Path(cfg.registry.root) / name)
-    return _export_best(results, table, board, cfg, plan, name)
+    bundle = export_best(results, cfg, plan, name)
+    if bundle is None:
+        return SweepOutcome(board, table, None, False, "every trial failed: nothing to export; best stays")
+    promotion = promote_if_better(bundle, cfg.registry.root, cfg.registry.name)
+    return SweepOutcome(board, table, bundle, promotion.promoted, promotion.message)
 
 
 def _tune_config(cfg: Config, concurrency: int) -> tune.TuneConfig:
@@ -278,21 +283,18 @@ def write_leaderboard(table: pd.DataFrame, folder: Path) -> Path:
     return folder / "leaderboard.csv"
 
 
-def _export_best(results: tune.ResultGrid, table: pd.DataFrame, board: Path, cfg: Config, plan: RunPlan,
-                 name: str) -> SweepOutcome:
-    """Export the best trial, or the ``tune.ensemble_size`` best as one ensemble, and promote it if it is better."""
+def export_best(results: Iterable[tune.Result], cfg: Config, plan: RunPlan, sweep: str) -> Path | None:
+    """Register the best trial's best checkpoint, or the ``tune.ensemble_size`` best trials as one ensemble bundle;
+    None when no trial left a checkpoint."""
     metric = cfg.tune.metric
     ok = sorted((r for r in results if r.error is None and r.metrics_dataframe is not None
                  and CHECKPOINT_PATH_KEY in r.metrics_dataframe), key=lambda r: r.metrics_dataframe[metric].min())
     if not ok:
-        return SweepOutcome(board, table, None, False, "every trial failed: nothing to export; best stays")
-    best = [_trial_best(result, metric, name) for result in ok[:cfg.tune.ensemble_size]]
+        return None
+    best = [_trial_best(result, metric, sweep) for result in ok[:cfg.tune.ensemble_size]]
     if len(best) > 1:
-        bundle = _export_ensemble(best, cfg, plan)
-    else:
-        bundle = export_bundle(best[0].checkpoint, best[0].cfg, plan, best[0].metrics, best[0].run)
-    promotion = promote_if_better(bundle, cfg.registry.root, cfg.registry.name)
-    return SweepOutcome(board, table, bundle, promotion.promoted, promotion.message)
+        return _export_ensemble(best, cfg, plan)
+    return export_bundle(best[0].checkpoint, best[0].cfg, plan, best[0].metrics, best[0].run)
 
 
 @dataclass

@@ -244,7 +244,9 @@ def test_a_finished_run_resubmitted_is_not_trained_or_registered_again(prepared_
     caplog.clear()
     third = run_training(cfg)
     *fitted, exported, promotion = (r.getMessage() for r in caplog.records)
-    assert fitted[-1].startswith("bias correction: val MAE")  # the bundle exported again gets its trust signals
+    # the bundle exported again gets its trust signals and its out-of-distribution detector
+    assert any(message.startswith("bias correction: val MAE") for message in fitted)
+    assert fitted[-1].startswith("out-of-distribution detector: threshold")
     assert exported.startswith(f"already trained: {name}, bundle boneage-vgg16:1 (exported again from the run's "
                                f"best checkpoint {first.run_path}/checkpoint_")
     assert promotion == f"version 1 is already boneage-vgg16:best (val MAE {first.metrics['val_mae']:.2f})"
