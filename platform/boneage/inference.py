@@ -253,7 +253,7 @@ class BoneAgePredictor:
         predictor's precision; the first member's stages of ``stages``): what a detector is fitted on."""
         tap = self._tap or FeatureTap(self.model)
         try:
-            return self._forward(canvases, male, tap)[1]
+            return self._forward(canvases, male, tap, first_only=True)[1]  # an ensemble's other members: unread
         finally:
             if tap is not self._tap:
                 tap.remove()
@@ -271,16 +271,16 @@ class BoneAgePredictor:
         return intervals.interval(months, male, self.interval_level)
 
     @torch.inference_mode()
-    def _forward(self, canvases: np.ndarray, male: np.ndarray,
-                 tap: FeatureTap | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """Each member's bone ages (K, B) in months, and the first member's tapped features (B, D) (None without a
-        tap)."""
+    def _forward(self, canvases: np.ndarray, male: np.ndarray, tap: FeatureTap | None = None,
+                 first_only: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Each member's bone ages (K, B) in months (K = 1 with ``first_only``), and the first member's tapped
+        features (B, D) (None without a tap)."""
         tap = tap or self._tap
         images = torch.from_numpy(canvases).unsqueeze(1).to(self.device)  # (B, 1, S, S) uint8: the model scales it
         sex = torch.from_numpy(male.astype(np.float32)).to(self.device)
         answers, features = [], None
         with self._autocast:
-            for index, net in enumerate(self.members):
+            for index, net in enumerate(self.members[:1] if first_only else self.members):
                 if index == 0 and tap is not None:
                     with tap.collect() as collected:
                         answers.append(forward_views(net, images, sex, self.tta))  # (B,) over the views of tta
