@@ -100,7 +100,7 @@ def test_a_tampered_bundle_stops_its_deployment_through_serve_and_the_other_apps
 def test_a_missing_bundle_or_an_unknown_setting_stops_the_build_with_a_clear_error(registry):
     with pytest.raises(BundleError, match="no version '7'"):
         build({"model_uri": "tiny:7", "registry_root": str(registry)})
-    with pytest.raises(ConfigError, match="unknown key serve.batch_size; valid keys in serve: calibrate, interval_level, tta, model_uri"):
+    with pytest.raises(ConfigError, match="unknown key serve.batch_size; valid keys in serve: calibrate, interval_level, tta, reject_ood, model_uri"):
         build({"model_uri": "tiny:1", "batch_size": 4})
 
 
