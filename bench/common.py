@@ -69,9 +69,9 @@ def resident_batches(split: dict, batch_size: int, shuffle: bool = True):
         yield {name: column[index] for name, column in split.items()}
 
 
-def demo_like_bundle(folder: Path, image_size: int) -> Path:
-    """A bundle of the demo's architecture (configs/demo.yaml) with seeded random weights: timings do not depend
-    on what the weights learned."""
+def demo_like_bundle(folder: Path, image_size: int, seed: int = 0) -> Path:
+    """A bundle of the demo's architecture (configs/demo.yaml) with random weights drawn from ``seed``: timings do
+    not depend on what the weights learned."""
     import torch
 
     from boneage.bundle import BundleMeta, DataSource, TargetScale, write_bundle
@@ -79,7 +79,7 @@ def demo_like_bundle(folder: Path, image_size: int) -> Path:
     from boneage.model import build_model
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").model
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model(cfg, image_size).eval()
     meta = BundleMeta(name="bench", model=cfg, image_size=image_size, target=TargetScale(mean=120.0, std=40.0),
                       data=DataSource(manifest_fingerprint="bench"), metrics={"val_mae": 0.0})

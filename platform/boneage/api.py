@@ -5,37 +5,53 @@ batching predictions across requests; :class:`DirectBackend` runs the same model
 uvicorn server the latency benchmark compares against). ``/docs`` and ``/redoc`` load Swagger UI and ReDoc from the
 installed ``fastapi-offline`` package, never from a CDN, so they work on a network without internet.
 
-Every bad input answers a 4xx JSON body ``{"error": <code>, "detail": <sentence>}`` and the service keeps serving;
-an image the bundle's out-of-distribution detector finds unlike hand radiographs answers 422
-``not_a_hand_radiograph`` (unless ``serve.reject_ood`` is off), before any Grad-CAM is computed.
+Every answer other than 200, whoever gives it (a route, FastAPI's form parsing, routing's 404 and 405, a
+middleware), has one shape, :class:`~boneage.schema.ErrorBody` ``{"error": <code>, "detail": <sentence>,
+"request_id": <id>}``, made in one place (:func:`error_response`), and the service keeps serving. An image the
+bundle's out-of-distribution detector finds unlike hand radiographs answers 422 ``not_a_hand_radiograph`` (unless
+``serve.reject_ood`` is off), before any Grad-CAM is computed.
+
+Every request has an ID: the client's ``X-Request-ID`` when it sends one, else a new one (Ray Serve's proxy makes
+it); answers and errors carry it as ``request_id``, the response's ``X-Request-ID`` header is the same, sent once,
+and the service's log lines about a request name it, so a request can be traced from the client through the proxy
+to the replica.
+
+API keys (``serve.auth``): with ``api_key`` every ``/v1`` request must carry one of the keys held by the
+environment variable ``serve.api_key_env``, checked before its body is read; ``auto`` (the default) turns that on
+when the service listens on anything but a loopback address, and ``none`` is refused there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import io
+import ipaddress
 import logging
+import os
+import secrets
 import time
 import uuid
+from http import HTTPStatus
 from importlib import resources
 from typing import Any, Protocol
 
 import numpy as np
 import uvicorn
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi import Query as QueryParameter
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader
 from fastapi_offline import FastAPIOffline
-from PIL import Image, UnidentifiedImageError
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from boneage.bundle import BundleMeta
-from boneage.config import ServeConfig, to_dict
-from boneage.imaging import ImageRejected, is_dicom
+from boneage.config import ConfigError, ServeConfig, to_dict
+from boneage.imaging import REJECT_BOMB, REJECT_FORMAT, ImageRejected, check_format
 from boneage.inference import Answers, BoneAgePredictor, Explanation, Radiograph, encode_png, heatmap_grid
-from boneage.schema import Answer, Explained
+from boneage.schema import Answer, ErrorBody, Explained
 from boneage.standards import MAX_AGE_MONTHS, assess, years_and_months
 
 log = logging.getLogger(__name__)
@@ -44,12 +60,21 @@ API_VERSION = "v1"
 # Metric labels: anything else is "other", so scanners cannot blow up the label set.
 ROUTES = (f"/{API_VERSION}/predict", f"/{API_VERSION}/explain", f"/{API_VERSION}/model", "/healthz", "/", "/docs",
           "/redoc", "/openapi.json")
-ACCEPTED_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG; DICOM is checked by its preamble
 # The pages (/, /docs, /redoc) load only from this service, so they work on a network without internet, and what
 # a library reaches for elsewhere (ReDoc 2's Redocly logo, hard-coded to cdn.redoc.ly) the browser stops before
 # it is requested. Inline scripts and styles: the page's own, Swagger UI's start-up, ReDoc's styled components.
 PAGE_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
                "img-src 'self' data:; worker-src 'self' blob:")
+REQUEST_ID = "x-request-id"
+API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False,
+                       description="one of the service's API keys (or send it as Authorization: Bearer <key>)")
+# The errors each kind of route may answer, for /docs and for clients generated from the OpenAPI document.
+UPLOAD_ERRORS = {400: "the body is not a readable form", 401: "no valid API key (when the service requires one)",
+                 413: "the body or the decoded image is too large", 415: "not multipart/form-data, or an image "
+                 "format other than PNG, JPEG or DICOM", 422: "an input that cannot be assessed (the error names it)",
+                 500: "the service failed (the request ID finds it in the log)"}
+READ_ERRORS = {401: UPLOAD_ERRORS[401], 500: UPLOAD_ERRORS[500]}
+REJECTED_STATUS = {REJECT_BOMB: 413, REJECT_FORMAT: 415}  # an image refused for any other reason: 422
 
 
 class Metrics(Protocol):
@@ -62,10 +87,13 @@ class Metrics(Protocol):
 
 
 class Backend(Protocol):
-    """Runs the model for the API."""
+    """Runs the model for the API; says where the service listens (``host``) and whether the API itself sends
+    the ``X-Request-ID`` header (``echoes_request_id``: Serve's proxy does it for its replicas)."""
 
     predictor: BoneAgePredictor
     metrics: Metrics
+    host: str
+    echoes_request_id: bool
 
     async def answer(self, canvas: np.ndarray, male: bool) -> Answers: ...
     def runtime(self) -> dict[str, Any]: ...
@@ -83,8 +111,10 @@ class NoMetrics:
 class DirectBackend:
     """One request, one forward pass, in a worker thread of this process: no batching, no Ray."""
 
-    def __init__(self, predictor: BoneAgePredictor):
-        self.predictor = predictor
+    echoes_request_id = True
+
+    def __init__(self, predictor: BoneAgePredictor, host: str):
+        self.predictor, self.host = predictor, host
         self.metrics = NoMetrics()
 
     async def answer(self, canvas: np.ndarray, male: bool) -> Answers:
@@ -108,23 +138,65 @@ def create_api(backend: Backend, settings: ServeConfig) -> FastAPI:
     app = FastAPIOffline(title="Bone age", version=API_VERSION,
                          description="Pediatric bone age from a left-hand radiograph, with Grad-CAM heat maps. "
                                      "Research use only: not a medical device.")
+    keys = api_keys(settings, backend.host)
     app.add_middleware(BodyLimit, limit=int(settings.max_upload_mb * 1024 * 1024))
+    app.add_middleware(ApiKeys, keys=keys)  # before the body is read: no upload work for a client without a key
     app.add_middleware(RequestMetrics, metrics=backend.metrics)
     app.add_middleware(LocalOnlyPages)
+    app.add_middleware(RequestIds, echo=backend.echoes_request_id)  # outermost: every answer has the ID
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)
-    _add_assessment_routes(app, backend, settings)
-    _add_service_routes(app, backend)
+    _add_assessment_routes(app, backend, settings, keys)
+    _add_service_routes(app, backend, keys)
     return app
 
 
-def _add_assessment_routes(app: FastAPI, backend: Backend, settings: ServeConfig) -> None:
+def api_keys(settings: ServeConfig, host: str) -> tuple[str, ...]:
+    """The keys a ``/v1`` request must carry one of (none: open), by ``serve.auth`` and the listening ``host``.
+
+    Refuses to serve without keys on a non-loopback address, and with ``api_key`` but no key in the environment.
+    """
+    loopback = _is_loopback(host)
+    if settings.auth == "none" and not loopback:
+        raise ConfigError(f"serve.auth=none on {host}: the service would answer anyone on the network; set "
+                          f"serve.auth=api_key (or auto) with the key in ${settings.api_key_env}, or listen on "
+                          "127.0.0.1 and reach it through an SSH tunnel")
+    if settings.auth == "none" or (settings.auth == "auto" and loopback):
+        return ()
+    keys = tuple(key.strip() for key in os.environ.get(settings.api_key_env, "").split(",") if key.strip())
+    if not keys:
+        why = "serve.auth=api_key" if settings.auth == "api_key" else f"the service listens on {host} (not loopback)"
+        raise ConfigError(f"{why}, so it needs an API key, but ${settings.api_key_env} is empty where the service "
+                          f"runs: set it in the replicas' environment (runtime_env env_vars, or exported before "
+                          "`ray start`), e.g. to the output of `python -c 'import secrets; print(secrets."
+                          "token_urlsafe(32))'`")
+    return keys
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def _documented(errors: dict[int, str], keys: tuple[str, ...]) -> dict[str, Any]:
+    """A route's documented errors (all in the one error shape) and, when keys are required, its security."""
+    listed = {status: {"model": ErrorBody, "description": text} for status, text in errors.items()
+              if keys or status != 401}
+    return {"responses": listed, "dependencies": [Depends(API_KEY)] if keys else []}  # ApiKeys checks the key
+
+
+def _add_assessment_routes(app: FastAPI, backend: Backend, settings: ServeConfig, keys: tuple[str, ...]) -> None:
     """``/v1/predict`` and ``/v1/explain``: a radiograph in, its bone age out."""
-    given = _parameters()
+    given, documented = _parameters(), _documented(UPLOAD_ERRORS, keys)
 
     @app.post(f"/{API_VERSION}/predict", summary="Bone age of one radiograph", response_model=Answer,
-              response_model_exclude_unset=True,
+              response_model_exclude_unset=True, **documented,
               description=f"The bone age with its prediction interval, and the SDS when the chronological age is "
                           f"given. {CANVAS_DOC}")
     async def predict(request: Request, file: UploadFile | None = given["file"], sex: str | None = given["sex"],
@@ -138,7 +210,8 @@ def _add_assessment_routes(app: FastAPI, backend: Backend, settings: ServeConfig
               description="As /v1/predict, plus `overlay_png_base64` (the Grad-CAM overlay on the radiograph) and "
                           f"`heatmap` (the raw map, averaged to a grid). {CANVAS_DOC}",
               responses={200: {"model": Explained, "content": {"image/png": {}},
-                               "description": "JSON, or the overlay PNG itself with Accept: image/png"}})
+                               "description": "JSON, or the overlay PNG itself with Accept: image/png"},
+                         **documented["responses"]}, dependencies=documented["dependencies"])
     async def explain(request: Request, file: UploadFile | None = given["file"], sex: str | None = given["sex"],
                       chronological_age_months: str | None = given["age"],
                       canvas: bool = given["canvas"]) -> Response:
@@ -150,18 +223,18 @@ def _add_assessment_routes(app: FastAPI, backend: Backend, settings: ServeConfig
         answer = _answer(answers, query, backend)
         if "image/png" in request.headers.get("accept", ""):
             return Response(result.overlay_png, media_type="image/png",
-                            headers={"X-Bone-Age-Months": f"{answer['bone_age_months']}",
-                                     "X-Request-ID": answer["request_id"]})
+                            headers={"X-Bone-Age-Months": f"{answer['bone_age_months']}"})  # RequestIds adds the ID
         explained = Explained(**answer, overlay_png_base64=base64.b64encode(result.overlay_png).decode(),
                               heatmap=heatmap_grid(result.heatmap, settings.heatmap_cells),
                               **await _canvas_field(query, canvas))
         return JSONResponse(explained.model_dump(exclude_unset=True))
 
 
-def _add_service_routes(app: FastAPI, backend: Backend) -> None:
+def _add_service_routes(app: FastAPI, backend: Backend, keys: tuple[str, ...]) -> None:
     """``/v1/model``, ``/healthz`` and the web page at ``/``."""
 
-    @app.get(f"/{API_VERSION}/model", summary="The served model: bundle metadata, metrics and serving settings")
+    @app.get(f"/{API_VERSION}/model", summary="The served model: bundle metadata, metrics and serving settings",
+             **_documented(READ_ERRORS, keys))
     async def model() -> dict[str, Any]:
         meta = backend.predictor.bundle.meta
         return {"model": _model_id(backend), "image_size": meta.image_size, "architecture": to_dict(meta.model),
@@ -170,10 +243,10 @@ def _add_service_routes(app: FastAPI, backend: Backend) -> None:
                 "trust": _trust(backend.predictor), "ood": _ood(backend.predictor),
                 "ensemble": _ensemble(meta), "bundle_format": meta.format,
                 "serving": {**backend.runtime(), "precision": backend.predictor.precision, "device": "cpu",
-                            "tta": backend.predictor.tta,
+                            "tta": backend.predictor.tta, "api_key_required": bool(keys),
                             "computes_in": backend.predictor.computes_in}}
 
-    @app.get("/healthz", summary="200 once the model is loaded")
+    @app.get("/healthz", summary="200 once the model is loaded (no API key needed: for load balancers)")
     async def healthz() -> dict[str, str]:
         return {"status": "ok", "model": _model_id(backend)["version"]}
 
@@ -220,11 +293,11 @@ def _parameters() -> dict[str, Any]:
 
 
 class Query:
-    """A checked request: the decoded image, the sex used (and where it came from), the chronological age."""
+    """A checked request: the decoded image, the sex used (and where it came from), the chronological age, the ID."""
 
-    def __init__(self, radiograph: Radiograph, sex: str, sex_source: str, age: float | None):
+    def __init__(self, radiograph: Radiograph, sex: str, sex_source: str, age: float | None, request_id: str):
         self.radiograph, self.sex, self.sex_source, self.age = radiograph, sex, sex_source, age
-        self.request_id = uuid.uuid4().hex
+        self.request_id = request_id
 
 
 async def _read_query(request: Request, backend: Backend, file: UploadFile | None, sex: str | None,
@@ -241,33 +314,24 @@ async def _checked_query(request: Request, backend: Backend, file: UploadFile | 
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type", "send multipart/form-data with a 'file' field (the "
                                                       "radiograph) and a 'sex' field (M or F)")
+    form = await request.form()  # already parsed for the parameters: cached, not read again
+    repeated = sorted({key for key in form.keys() if len(form.getlist(key)) > 1})
+    if repeated:  # which of two files or two sexes was meant? never guess
+        raise ApiError(422, "repeated_field", f"the form gives {', '.join(map(repr, repeated))} more than once: send "
+                                              "each field once")
     if file is None:
         raise ApiError(422, "missing_file", "the form has no 'file' field: attach the radiograph as 'file'")
     data = await file.read()  # BodyLimit has already refused a body over the upload limit
     if not data:
         raise ApiError(400, "empty_file", "the uploaded file is empty")
-    _check_format(data)
-    chronological = _parse_age(age)
     try:
+        check_format(data)  # at once, from the first bytes: no decoding for what is no image
+        chronological = _parse_age(age)
         radiograph = await asyncio.to_thread(backend.predictor.decode, data)
     except ImageRejected as err:
-        raise ApiError(413 if err.code == "decompression_bomb" else 422, err.code,
-                       err.reason.removeprefix(f"{err.code}: ")) from None
+        raise ApiError(REJECTED_STATUS.get(err.code, 422), err.code, err.reason.removeprefix(f"{err.code}: ")) from None
     chosen, source = _resolve_sex(sex, radiograph.dicom_sex)
-    return Query(radiograph, chosen, source, chronological)
-
-
-def _check_format(data: bytes) -> None:
-    if data.startswith(ACCEPTED_MAGIC) or is_dicom(data):
-        return
-    try:
-        found = Image.open(io.BytesIO(data)).format
-    except (UnidentifiedImageError, OSError):
-        found = None
-    if found:
-        raise ApiError(415, "unsupported_image_format", f"{found} images are not supported: send PNG, JPEG or "
-                                                        "DICOM")
-    raise ApiError(422, "not_an_image", "the file is not a PNG, JPEG or DICOM image")
+    return Query(radiograph, chosen, source, chronological, request_id_of(request.scope))
 
 
 def _parse_age(text: str | None) -> float | None:
@@ -366,19 +430,101 @@ def _model_id(backend: Backend) -> dict[str, Any]:
     return {"name": bundle.meta.name, "version": bundle.path.name}
 
 
+def request_id_of(scope: Scope) -> str:
+    """The request's ID (see :class:`RequestIds`)."""
+    return scope.get("state", {}).get("request_id", "")
+
+
+def error_response(scope: Scope, status: int, code: str, detail: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """The API's one error shape (:class:`ErrorBody`), logged with the request's ID (never the upload)."""
+    request_id = request_id_of(scope)
+    log.info("request %s: %d %s", request_id, status, code)
+    body = ErrorBody(error=code, detail=detail, request_id=request_id)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
 async def _api_error(request: Request, err: ApiError) -> JSONResponse:
-    return JSONResponse({"error": err.code, "detail": err.detail}, status_code=err.status)
+    return error_response(request.scope, err.status, err.code, err.detail)
+
+
+async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
+    """Routing's 404 and 405 and FastAPI's 400 for a body it cannot parse, in the API's error shape."""
+    if isinstance(err.__cause__, ApiError):  # BodyLimit stopped a body that grew past the limit while parsed
+        return await _api_error(request, err.__cause__)
+    path, status = request.url.path, err.status_code
+    if status == 404:
+        detail = (f"there is no {path} here: the API answers POST /{API_VERSION}/predict, POST /{API_VERSION}/explain"
+                  f", GET /{API_VERSION}/model and GET /healthz (the web page is /, its documentation /docs)")
+    elif status == 405:
+        detail = f"{request.method} is not allowed on {path}: use {(err.headers or {}).get('Allow', 'another method')}"
+    elif status == 400:
+        detail = (f"the request body could not be read as a form ({err.__cause__ or err.detail}): send "
+                  "multipart/form-data with a 'file' field (the radiograph) and a 'sex' field (M or F)")
+    else:
+        detail = str(err.detail)
+    code = "malformed_request" if status == 400 else HTTPStatus(status).phrase.lower().replace(" ", "_")
+    return error_response(request.scope, status, code, detail, headers=err.headers)
 
 
 async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
     problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-    return JSONResponse({"error": "invalid_request", "detail": problems}, status_code=422)
+    return error_response(request.scope, 422, "invalid_request", problems)
 
 
 async def _unexpected_error(request: Request, err: Exception) -> JSONResponse:
-    log.exception("unexpected error answering %s", request.url.path)
-    return JSONResponse({"error": "internal_error", "detail": f"the service failed: {type(err).__name__}; the "
-                                                               "error is in its log"}, status_code=500)
+    log.exception("request %s: unexpected error answering %s", request_id_of(request.scope), request.url.path)
+    return error_response(request.scope, 500, "internal_error", f"the service failed: {type(err).__name__}; the "
+                                                                "error is in its log under this request's ID")
+
+
+class RequestIds:
+    """Give every request its ID: the client's ``X-Request-ID``, else a new one, kept in the request's state.
+
+    Behind Ray Serve the proxy has already put one in the request (the client's, or its own) and sends it back
+    itself, so ``echo`` is off there: a second header would be a second ID.
+    """
+
+    def __init__(self, app: ASGIApp, echo: bool):
+        self.app, self.echo = app, echo
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = Headers(scope=scope).get(REQUEST_ID) or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def with_id(message: Message) -> None:
+            if self.echo and message["type"] == "http.response.start":
+                MutableHeaders(scope=message)[REQUEST_ID] = request_id
+            await send(message)
+
+        await self.app(scope, receive, with_id)
+
+
+class ApiKeys:
+    """Refuse a ``/v1`` request that carries none of ``keys`` (``X-API-Key``, or ``Authorization: Bearer``) with
+    401, before its body is read; no keys: every request passes. The pages, ``/healthz`` and the docs stay open."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...]):
+        self.app, self.keys = app, tuple(key.encode() for key in keys)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or not _route(scope).startswith(f"/{API_VERSION}/"):
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        given = (headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")).strip()
+        if any(secrets.compare_digest(given.encode(), key) for key in self.keys):  # constant time: no timing oracle
+            return await self.app(scope, receive, send)
+        detail = ("this service needs an API key: send it as X-API-Key: <key> or Authorization: Bearer <key>"
+                  if not given else "the API key is not valid")
+        response = error_response(scope, 401, "unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
+def _route(scope: Scope) -> str:
+    """The path within the app (without the Serve route prefix)."""
+    return scope["path"].removeprefix(scope.get("root_path", "")) or "/"
 
 
 class BodyLimit:
@@ -392,8 +538,9 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await _send_json(send, 413, "upload_too_large", f"the request body is "
-                                    f"{int(declared) / 2**20:.1f} MB; the limit is {self.limit / 2**20:g} MB")
+            response = error_response(scope, 413, "upload_too_large", f"the request body is "
+                                      f"{int(declared) / 2**20:.1f} MB; the limit is {self.limit / 2**20:g} MB")
+            return await response(scope, receive, send)
         seen = 0
 
         async def counted() -> Message:
@@ -428,7 +575,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, recorded)
         finally:
-            path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+            path = _route(scope)
             self.metrics.request(path if path in ROUTES else "other", status, time.perf_counter() - started)
 
 
@@ -451,17 +598,10 @@ class LocalOnlyPages:
         await self.app(scope, receive, with_policy)
 
 
-async def _send_json(send: Send, status: int, code: str, detail: str) -> None:
-    body = JSONResponse({"error": code, "detail": detail}).body
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
 def direct_server(settings: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> uvicorn.Server:
     """The API with the model in this process, on one uvicorn server (no Ray, no batching): the benchmark's
     baseline and a quick local check. ``server.run()`` serves until ``server.should_exit`` is set."""
     predictor = BoneAgePredictor.from_settings(settings)
     log.info("serving %s: %s", predictor.bundle.path, predictor.computes_in)
-    app = create_api(DirectBackend(predictor), settings)
+    app = create_api(DirectBackend(predictor, host), settings)
     return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))

@@ -1,6 +1,6 @@
 """A small Python client for the bone-age service (what ``jobs/query.py`` and the demo use).
 
-    client = BoneAgeClient("http://127.0.0.1:8000")
+    client = BoneAgeClient("http://127.0.0.1:8000")  # api_key=... for a service that requires one
     answer = client.predict("hand.png", sex="F", chronological_age_months=120)
     answer = client.explain("hand.dcm")  # sex from the DICOM header; answer["overlay_png"] holds the PNG bytes
 """
@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ class RadiographNotFound(JobError, FileNotFoundError):
 class BoneAgeClient:
     """Talks to ``/v1/predict``, ``/v1/explain``, ``/v1/model`` and ``/healthz`` of one service."""
 
-    def __init__(self, url: str, timeout_s: float = 60.0):
+    def __init__(self, url: str, timeout_s: float = 60.0, api_key: str = ""):
         try:
             requests.Request("GET", url).prepare()  # requests' own checks: scheme, host, port
             valid = urlsplit(url).scheme in ("http", "https")
@@ -56,6 +57,7 @@ class BoneAgeClient:
             raise WrongServiceAddress(f"{url!r} is not a service address: give one like http://127.0.0.1:8000 "
                                 "(query.url, --url)")
         self.url, self.timeout_s = url.rstrip("/"), timeout_s
+        self.headers = {"X-API-Key": api_key} if api_key else {}
 
     def predict(self, image: str | Path, sex: str | None = None,
                 chronological_age_months: float | None = None) -> dict[str, Any]:
@@ -104,7 +106,8 @@ class BoneAgeClient:
     def _request(self, method: str, route: str, **kwargs: Any) -> dict[str, Any]:
         """One request, its failures as one-line errors saying what to do; the JSON answer when it succeeded."""
         try:
-            response = requests.request(method, f"{self.url}/{route}", timeout=self.timeout_s, **kwargs)
+            response = requests.request(method, f"{self.url}/{route}", timeout=self.timeout_s, headers=self.headers,
+                                        **kwargs)
         except requests.ConnectionError:
             raise ServiceUnreachable(f"nothing answers at {self.url}: start the service (serve deploy configs/"
                                      "serve.yaml, or make demo) or give its address (query.url, --url)") from None
@@ -135,7 +138,7 @@ def query_service(query: QueryConfig) -> dict[str, Any]:
     """``jobs/query.py``: predict, or explain and write the overlay when ``query.overlay_out`` is set."""
     if not query.file:
         raise ConfigError("query.file is empty: give the radiograph to assess, e.g. --file hand.png")
-    client = BoneAgeClient(query.url, query.timeout_s)
+    client = BoneAgeClient(query.url, query.timeout_s, os.environ.get(query.api_key_env, ""))
     if query.wait_s:
         client.wait_until_ready(query.wait_s)
     if not query.overlay_out:

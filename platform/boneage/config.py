@@ -322,6 +322,12 @@ class ServeConfig(AnswerConfig):
                     "where they run faster; fp32 on other CPUs); Grad-CAM heat maps are always fp32")
     explainer: str = setting("", doc="heat-map method of /v1/explain, a name in boneage.inference.EXPLAINERS (empty: "
                                      "DEFAULT_EXPLAINER, the one that finds the hand on phantoms)")
+    auth: Literal["auto", "api_key", "none"] = setting(
+        "auto", doc="api_key: every /v1 request needs a key (X-API-Key or Authorization: Bearer); auto: api_key when "
+                    "the service listens on a non-loopback address, none on 127.0.0.1; none is refused there")
+    api_key_env: str = setting("BONEAGE_API_KEY", doc="the environment variable of the replicas that holds the API "
+                                                      "key (several: comma-separated, for rotation); keys never go "
+                                                      "in config files")
 
 
 @dataclass
@@ -335,6 +341,8 @@ class QueryConfig:
     overlay_out: str = setting("", doc="also ask for the Grad-CAM overlay and write it to this PNG path")
     timeout_s: float = setting(60.0, low=0.1, high=3600.0, doc="per request")
     wait_s: float = setting(0.0, low=0.0, high=3600.0, doc="first wait this long for /healthz (a starting service)")
+    api_key_env: str = setting("BONEAGE_API_KEY", doc="the environment variable holding the service's API key, "
+                                                      "sent when set (never put the key itself in a config file)")
 
 
 @dataclass

@@ -1,13 +1,18 @@
 """Decode a radiograph file (PNG 8/16-bit, palette, RGB(A), JPEG, DICOM) to a uint8 square canvas.
 
-Every failure raises :class:`ImageRejected` with a reason code (``undecodable_image``, ``truncated_image``,
-``decompression_bomb``) so the prepare job can report the file instead of crashing or dropping it. Resizing keeps
+Every failure raises :class:`ImageRejected` with a reason code (:data:`REJECT_CODES`) so the prepare job can report
+the file instead of crashing or dropping it, and the service can answer why. The rules are here, once, for every
+reader: only PNG, JPEG and DICOM (by their first bytes, whatever the file is called); nothing larger than the
+megapixel limit (checked from the header, before decoding); PNG chunks that fail their CRC; nothing under
+:data:`MIN_SIDE` pixels a side; nothing without contrast (a blank film, or 16-bit values squeezed to one grey by a
+few extreme pixels) or with fewer than :data:`MIN_LEVELS` grey levels; one grayscale frame per DICOM file. Resizing keeps
 the aspect ratio and pads with black to a square: hands are never squashed.
 """
 
 from __future__ import annotations
 
 import io
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +25,18 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 REJECT_UNDECODABLE = "undecodable_image"
 REJECT_TRUNCATED = "truncated_image"
 REJECT_BOMB = "decompression_bomb"
+REJECT_NOT_IMAGE = "not_an_image"
+REJECT_FORMAT = "unsupported_image_format"
+REJECT_TOO_SMALL = "image_too_small"
+REJECT_BLANK = "blank_image"
+REJECT_LEVELS = "too_few_grey_levels"
+REJECT_DICOM = "unsupported_dicom"
+REJECT_CODES = (REJECT_UNDECODABLE, REJECT_TRUNCATED, REJECT_BOMB, REJECT_NOT_IMAGE, REJECT_FORMAT, REJECT_TOO_SMALL,
+                REJECT_BLANK, REJECT_LEVELS, REJECT_DICOM)
+ACCEPTED_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG; DICOM is told by its preamble
+MIN_SIDE = 16  # pixels: smaller holds no hand to read
+MIN_CONTRAST = 8  # grey levels between the 1st and 99th percentiles; a radiograph spans well over 100
+MIN_LEVELS = 16  # distinct grey levels: a 1-, 2- or 4-bit image is a drawing or a mask, not a radiograph
 
 DICOM_MAGIC_OFFSET = 128
 PREPROCESSING = {
@@ -57,21 +74,70 @@ def load_radiograph_sizes(source: str | Path | bytes, sizes: Sequence[int],
     and so do the pixels); any other file once."""
     data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
     if is_jpeg(data):
-        return [fit_to_square(decode_grayscale(data, max_megapixels, draft_size=size), size) for size in sizes]
-    gray = decode_grayscale(data, max_megapixels)
-    return [fit_to_square(gray, size) for size in sizes]
+        grays = [decode_grayscale(data, max_megapixels, draft_size=size) for size in sizes]
+    else:
+        grays = [decode_grayscale(data, max_megapixels)] * len(sizes)
+    check_content(grays[0])  # a JPEG's drafts differ only in scale
+    return [fit_to_square(gray, size) for gray, size in zip(grays, sizes)]
 
 
 def decode_grayscale(data: bytes, max_megapixels: float = 64.0, draft_size: int | None = None) -> Image.Image:
-    """Decode image bytes to an 8-bit grayscale PIL image (mode ``L``) at full resolution.
+    """Decode image bytes to an 8-bit grayscale PIL image (mode ``L``) at full resolution; what it shows is
+    :func:`check_content`'s to judge.
 
     ``draft_size`` lets JPEG decoding skip detail below that size (much faster for large JPEGs).
     """
     if not data:
         raise ImageRejected(REJECT_UNDECODABLE, "empty file")
-    if is_dicom(data):
-        return _decode_dicom(data, max_megapixels)
-    return _decode_pil(data, max_megapixels, draft_size)
+    check_format(data)
+    return _decode_dicom(data, max_megapixels) if is_dicom(data) else _decode_pil(data, max_megapixels, draft_size)
+
+
+def check_format(data: bytes) -> None:
+    """Refuse anything but PNG, JPEG and DICOM, by the file's first bytes (a zip or an HTML page called .png is
+    refused as not an image; a GIF or TIFF as an unsupported format, named)."""
+    if data.startswith(ACCEPTED_MAGIC) or is_dicom(data):
+        return
+    try:
+        found = Image.open(io.BytesIO(data)).format
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        found = None
+    if found:
+        raise ImageRejected(REJECT_FORMAT, f"{found} images are not supported: send PNG, JPEG or DICOM")
+    raise ImageRejected(REJECT_NOT_IMAGE, "the file is not a PNG, JPEG or DICOM image")
+
+
+def check_content(gray: Image.Image) -> None:
+    """Refuse a decoded image too small to hold a hand, without contrast, or with too few grey levels."""
+    width, height = gray.size
+    if min(width, height) < MIN_SIDE:
+        raise ImageRejected(REJECT_TOO_SMALL, f"{width}x{height} pixels: a radiograph needs at least {MIN_SIDE} "
+                                              "pixels a side")
+    counts = np.bincount(np.asarray(gray).ravel(), minlength=256)
+    shares = np.cumsum(counts) / (width * height)
+    low, high = int(np.searchsorted(shares, 0.01)), int(np.searchsorted(shares, 0.99))
+    if high - low < MIN_CONTRAST:
+        raise ImageRejected(REJECT_BLANK, f"no contrast: 98% of its pixels lie within {high - low + 1} grey levels "
+                                          "of 256 (a blank film, or 16-bit values squeezed to one grey by a few "
+                                          "extreme pixels: window the image first)")
+    if np.count_nonzero(counts) < MIN_LEVELS:
+        raise ImageRejected(REJECT_LEVELS, f"only {np.count_nonzero(counts)} grey levels (a radiograph has "
+                                           "hundreds): a drawing, a mask or a 1- to 4-bit image")
+
+
+def _check_png_crcs(data: bytes) -> None:
+    """Every PNG chunk's CRC (Pillow checks only some): a corrupted file is refused, never read as a hand."""
+    offset = len(ACCEPTED_MAGIC[0])
+    while offset + 12 <= len(data):
+        length = int.from_bytes(data[offset:offset + 4], "big")
+        end = offset + 8 + length
+        if end + 4 > len(data):
+            return  # cut short: the decoder reports it as truncated
+        if zlib.crc32(data[offset + 4:end]) != int.from_bytes(data[end:end + 4], "big"):
+            kind = data[offset + 4:offset + 8].decode("latin-1")
+            raise ImageRejected(REJECT_UNDECODABLE, f"PNG chunk {kind!r} at byte {offset} fails its CRC: the file "
+                                                    "is corrupt")
+        offset = end + 4
 
 
 @dataclass(frozen=True)
@@ -125,6 +191,8 @@ def _check_pixels(width: int, height: int, frames: int, max_megapixels: float) -
 
 
 def _decode_pil(data: bytes, max_megapixels: float, draft_size: int | None) -> Image.Image:
+    if data.startswith(ACCEPTED_MAGIC[0]):
+        _check_png_crcs(data)
     try:
         image = Image.open(io.BytesIO(data))
         _check_pixels(image.width, image.height, 1, max_megapixels)  # header only: nothing decoded yet
@@ -133,13 +201,14 @@ def _decode_pil(data: bytes, max_megapixels: float, draft_size: int | None) -> I
         image.load()
     except ImageRejected:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
-        code = REJECT_BOMB if isinstance(err, Image.DecompressionBombError) else REJECT_UNDECODABLE
-        raise ImageRejected(code, str(err)) from err
+    except UnidentifiedImageError as err:  # its message names a memory address: say what it means instead
+        raise ImageRejected(REJECT_UNDECODABLE, "the image cannot be read: its header is damaged or cut short") from err
+    except Image.DecompressionBombError as err:
+        raise ImageRejected(REJECT_BOMB, str(err)) from err
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         text = str(err)
         code = REJECT_TRUNCATED if "truncated" in text or isinstance(err, EOFError) else REJECT_UNDECODABLE
-        if "Decompressed Data Too Large" in text:  # PNG text-chunk bomb
+        if "decompressed data too large" in text.lower():  # PNG text-chunk bomb
             code = REJECT_BOMB
         raise ImageRejected(code, f"{type(err).__name__}: {text}") from err
     return _to_gray8(image)
@@ -163,22 +232,53 @@ def _to_gray8(image: Image.Image) -> Image.Image:
 def _decode_dicom(data: bytes, max_megapixels: float) -> Image.Image:
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
-        _check_pixels(int(ds.Columns), int(ds.Rows), int(ds.get("NumberOfFrames", 1) or 1), max_megapixels)
+        _check_dicom_kind(ds)
+        _check_pixels(int(ds.Columns), int(ds.Rows), 1, max_megapixels)
         pixels = ds.pixel_array
     except ImageRejected:
         raise
     except Exception as err:  # pydicom raises many types for corrupt or unsupported files
-        code = REJECT_TRUNCATED if "truncat" in str(err).lower() or isinstance(err, EOFError) else REJECT_UNDECODABLE
-        raise ImageRejected(code, f"DICOM {type(err).__name__}: {err}") from err
-    if pixels.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:
-        pixels = pixels[0]  # multi-frame: the first frame is the radiograph
+        raise _dicom_failure(err, ds if "ds" in locals() else None) from err
     if pixels.ndim != 2:
-        raise ImageRejected(REJECT_UNDECODABLE, f"DICOM pixel data of shape {pixels.shape} is not grayscale")
+        raise ImageRejected(REJECT_DICOM, f"DICOM pixel data of shape {pixels.shape} is not one grayscale image")
     values = apply_voi_lut(_modality_values(pixels, ds), ds).astype(np.float32)
     gray = _minmax_to_uint8(values)
     if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
         gray = 255 - gray  # MONOCHROME1: high values are dark; flip so bone is bright as in every PNG
     return Image.fromarray(gray)
+
+
+def _check_dicom_kind(ds) -> None:
+    """One grayscale frame of pixel data, or :data:`REJECT_DICOM` saying what the file holds instead."""
+    if "PixelData" not in ds:
+        raise ImageRejected(REJECT_DICOM, "the DICOM file holds no pixel data (a report or a structured document?)")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise ImageRejected(REJECT_DICOM, f"the DICOM file holds {frames} frames: send one radiograph per file")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise ImageRejected(REJECT_DICOM, f"the DICOM image is in colour ({ds.get('PhotometricInterpretation', '?')}"
+                                          "): send the grayscale radiograph")
+
+
+def _dicom_failure(err: Exception, ds) -> ImageRejected:
+    """The reason a DICOM file could not be decoded: a compression no installed decoder reads, truncation, or
+    anything else pydicom refused."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and syntax.is_compressed and not _decodable(syntax):
+        return ImageRejected(REJECT_DICOM, f"its pixel data is compressed as {syntax.name}, which no installed "
+                                           "decoder reads: send it uncompressed, or install the decoder "
+                                           "(e.g. pylibjpeg-openjpeg for JPEG 2000)")
+    code = REJECT_TRUNCATED if "truncat" in str(err).lower() or isinstance(err, EOFError) else REJECT_UNDECODABLE
+    return ImageRejected(code, f"DICOM {type(err).__name__}: {err}")
+
+
+def _decodable(syntax) -> bool:
+    from pydicom.pixels.decoders.base import get_decoder
+
+    try:
+        return get_decoder(syntax).is_available
+    except NotImplementedError:
+        return False
 
 
 def _modality_values(pixels: np.ndarray, ds) -> np.ndarray:

@@ -159,6 +159,10 @@ def explainer(name: str) -> ExplainerSpec:
     return EXPLAINERS[name]
 
 
+class ModelBroken(RuntimeError):
+    """The loaded model no longer gives finite answers."""
+
+
 class UnknownExplainer(JobError, ValueError):
     """An explainer name that :data:`EXPLAINERS` does not hold."""
 
@@ -257,6 +261,15 @@ class BoneAgePredictor:
         finally:
             if tap is not self._tap:
                 tap.remove()
+
+    def check(self) -> None:
+        """Raise :class:`ModelBroken` unless a probe image (mid-grey) gets a finite bone age from every member: the
+        service's health check, so that a replica whose weights went bad is replaced."""
+        probe = np.full((1, self.image_size, self.image_size), 128, dtype=np.uint8)
+        months = self.members_raw(probe, np.array([False]))  # (K, 1)
+        if not np.isfinite(months).all():
+            raise ModelBroken(f"the model answers {months.ravel().tolist()} months for a probe image: its weights "
+                              "are damaged; reload the bundle")
 
     def correct(self, raw: np.ndarray) -> np.ndarray:
         """Raw answers (months) -> as served: bias-corrected when the predictor is calibrated."""

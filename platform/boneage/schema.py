@@ -59,6 +59,15 @@ class Answer(BaseModel):
     canvas_png_base64: str | None = Field(None, description="the decoded radiograph, only with ?canvas=true")
 
 
+class ErrorBody(BaseModel):
+    """Every answer other than 200, whatever refused the request: a route, the framework or a middleware."""
+
+    error: str = Field(description="a stable code for programs, e.g. not_a_hand_radiograph, missing_sex, not_found")
+    detail: str = Field(description="one sentence for people: what was wrong and what to send instead")
+    request_id: str = Field(description="the request's ID, as in the X-Request-ID header: quote it when reporting "
+                                        "a problem")
+
+
 class Explained(Answer):
     """An answer with its heat map."""
 

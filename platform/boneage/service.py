@@ -65,17 +65,26 @@ class ServeMetrics:
         self.batches.observe(size)
 
 
-@serve.deployment(name="BoneAgeService")
+@serve.deployment(name="BoneAgeService", health_check_period_s=10, health_check_timeout_s=30)
 @serve.ingress()
 class BoneAgeService:
     """One replica: the bundle loaded once, predictions batched with ``@serve.batch``."""
 
+    echoes_request_id = False  # Serve's proxy sends the X-Request-ID header
+
     def __init__(self, settings: dict[str, Any]):
         self.settings: ServeConfig = parse_section(ServeConfig, settings, "serve")
         torch.set_num_threads(self.settings.torch_threads or _assigned_cpus())
+        self.host = _listening_host()
         self.predictor = BoneAgePredictor.from_settings(self.settings)
-        # Serve's logger is the one whose records reach the replica's log (and the console at INFO).
-        logging.getLogger("ray.serve").info("BoneAgeService replica: %s", self.predictor.computes_in)
+        self.predictor.check()  # a bundle that answers NaN fails the deployment here, with the reason
+        # Serve's handlers are the ones that reach the replica's log (with each record's request ID); the API's
+        # records (refusals, errors) go there too.
+        serve_log = logging.getLogger("ray.serve")
+        for handler in serve_log.handlers:
+            logging.getLogger("boneage").addHandler(handler)
+        logging.getLogger("boneage").setLevel(logging.INFO)
+        serve_log.info("BoneAgeService replica: %s", self.predictor.computes_in)
         self.metrics = ServeMetrics()
         self.batch_sizes: Counter[int] = Counter()
         self._predict_batch.set_max_batch_size(self.settings.max_batch_size)
@@ -97,6 +106,10 @@ class BoneAgeService:
         # In a worker thread: the replica's event loop keeps taking requests, which form the next batch.
         answers = await asyncio.to_thread(self.predictor.answer, canvases, male)
         return [answers.row(i) for i in range(len(items))]
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: raising marks this replica unhealthy, and Serve replaces it."""
+        await asyncio.to_thread(self.predictor.check)
 
     def runtime(self) -> dict[str, Any]:
         """This replica's batching so far (``/v1/model``): how many model calls of each batch size."""
@@ -121,6 +134,17 @@ def service_app(args: dict[str, Any], options: dict[str, Any] | None = None) -> 
     # Replicas may start in another working directory: hand them an absolute bundle path.
     pinned = {**to_dict(settings), "model_uri": str(Path(bundle).resolve())}
     return BoneAgeService.options(**(options or {})).bind(pinned)
+
+
+def _listening_host() -> str:
+    """The host Serve's HTTP proxies listen on; a non-loopback guess when it cannot be read (keys then required)."""
+    try:
+        from ray.serve.context import _get_global_client  # no public API gives a replica the HTTP options
+
+        return _get_global_client().http_config.host
+    except Exception:  # noqa: BLE001 - any failure: assume the network can reach us
+        log.warning("could not read Serve's HTTP host: assuming a network address (serve.auth=auto needs a key)")
+        return "0.0.0.0"
 
 
 def _assigned_cpus() -> int:

@@ -21,7 +21,7 @@ import pytest
 import ray
 import torch
 
-from boneage.bundle import load_bundle, promote_if_better, read_best, register, versions
+from boneage.bundle import load_bundle, promote_if_better, read_best, read_meta, register, versions
 from boneage.config import load_config, save_config
 from boneage.curves import CURVES
 from boneage.dataset import MANIFEST, read_manifest, split_path
@@ -131,8 +131,10 @@ def train_worker_pids(session_temp: Path) -> list[int]:
 @pytest.mark.slow
 def test_a_killed_worker_restarts_from_the_last_checkpoint(prepared_dir, tmp_path, session_temp):
     """A worker is killed once the epoch-1 checkpoint is registered, with four epochs still to go: the group
-    restarts from that checkpoint, not from scratch."""
-    cfg = train_config(prepared_dir, tmp_path, "train.num_workers=2", "train.epochs=5", "train.max_failures=2")
+    restarts from that checkpoint, not from scratch, and ends where an uninterrupted run of the same seed ends
+    (weights, optimizer and schedule restored; batch order and augmentations seeded by epoch)."""
+    settings = ("train.num_workers=2", "train.epochs=5", "train.max_failures=2")
+    cfg = train_config(prepared_dir, tmp_path, *settings)
     run_folder = tmp_path / "runs" / run_name(cfg, read_manifest(prepared_dir))
 
     def kill_a_worker() -> int:
@@ -147,6 +149,9 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(prepared_dir, tmp_pat
     assert outcome.final_metrics["epoch"] == 5
     # Resumed from the checkpoint registered before the kill (or a later one), before the last epoch.
     assert 1 <= checkpointed_at_kill <= outcome.final_metrics["resumed_at_epoch"] < 5
+    uninterrupted = run_training(train_config(prepared_dir, tmp_path / "uninterrupted", *settings))
+    assert uninterrupted.final_metrics["resumed_at_epoch"] == 0
+    assert outcome.final_metrics["val_mae"] == uninterrupted.final_metrics["val_mae"]  # exactly
 
 
 @pytest.mark.slow
@@ -168,6 +173,12 @@ def test_resubmitting_a_killed_job_resumes_it(prepared_dir, tmp_path, ray_sessio
     assert second.returncode == 0, second.stdout + second.stderr
     assert "epoch 3/3" in second.stdout and "epoch 1/3" not in second.stdout
     assert second.stdout.strip().splitlines()[-1].startswith("bundle: ")
+    elsewhere = [a.replace(str(tmp_path), str(tmp_path / "uninterrupted")) for a in command]
+    reference = subprocess.run(elsewhere, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+    resumed, uninterrupted = (read_meta(run.stdout.strip().splitlines()[-1].removeprefix("bundle: "))
+                              for run in (second, reference))
+    assert resumed.val_mae == uninterrupted.val_mae  # exactly: the same seed ends in the same model
 
 
 def next_run_folder(runs: Path) -> Path:
