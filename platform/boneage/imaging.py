@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from PIL import Image, ImageFile, UnidentifiedImageError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+from boneage.deid import read_dicom
 
 REJECT_UNDECODABLE = "undecodable_image"
 REJECT_TRUNCATED = "truncated_image"
@@ -161,24 +162,35 @@ def _to_gray8(image: Image.Image) -> Image.Image:
 
 
 def _decode_dicom(data: bytes, max_megapixels: float) -> Image.Image:
+    """The radiograph of a DICOM file, read through :func:`boneage.deid.read_dicom`: no identifying element is
+    ever parsed, so no reject reason, warning or exception can quote one."""
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        ds = read_dicom(data)
         _check_pixels(int(ds.Columns), int(ds.Rows), int(ds.get("NumberOfFrames", 1) or 1), max_megapixels)
-        pixels = ds.pixel_array
+        values = _windowed(_first_frame(ds.pixel_array, ds), ds)
     except ImageRejected:
         raise
-    except Exception as err:  # pydicom raises many types for corrupt or unsupported files
+    except Exception as err:  # pydicom raises many types for corrupt or unsupported files (and LUT values)
         code = REJECT_TRUNCATED if "truncat" in str(err).lower() or isinstance(err, EOFError) else REJECT_UNDECODABLE
         raise ImageRejected(code, f"DICOM {type(err).__name__}: {err}") from err
-    if pixels.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:
-        pixels = pixels[0]  # multi-frame: the first frame is the radiograph
-    if pixels.ndim != 2:
-        raise ImageRejected(REJECT_UNDECODABLE, f"DICOM pixel data of shape {pixels.shape} is not grayscale")
-    values = apply_voi_lut(_modality_values(pixels, ds), ds).astype(np.float32)
     gray = _minmax_to_uint8(values)
     if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
         gray = 255 - gray  # MONOCHROME1: high values are dark; flip so bone is bright as in every PNG
     return Image.fromarray(gray)
+
+
+def _first_frame(pixels: np.ndarray, ds) -> np.ndarray:
+    """The (H, W) grayscale radiograph of decoded pixel data: a multi-frame file's first frame."""
+    if pixels.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:
+        pixels = pixels[0]
+    if pixels.ndim != 2:
+        raise ImageRejected(REJECT_UNDECODABLE, f"DICOM pixel data of shape {pixels.shape} is not grayscale")
+    return pixels
+
+
+def _windowed(pixels: np.ndarray, ds) -> np.ndarray:
+    """Stored pixels through the modality and VOI LUTs, as float32."""
+    return apply_voi_lut(_modality_values(pixels, ds), ds).astype(np.float32)
 
 
 def _modality_values(pixels: np.ndarray, ds) -> np.ndarray:
