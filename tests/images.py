@@ -116,7 +116,8 @@ PIXEL_MARKER = b"PIXELBYTES-4242!"  # even length: 8 stored 16-bit pixels
 PRIVATE_MARKER = "PRIVATE-4242-SECRET"
 _BY_KEYWORD = {"PatientName": PATIENT_NAME, "PatientID": PATIENT_ID, "PatientBirthDate": "20120815",
                "AccessionNumber": "ACC-4242-SECRET", "InstitutionName": "Saint Secret Hospital 4242"}
-# Valid values for each VR (pydicom warns, quoting the value, about invalid ones); {i}: the keyword's index
+# Valid values for each VR (pydicom warns, quoting the value, about invalid ones); {i}: 10 + the keyword's index,
+# two digits that make valid years and seconds
 _BY_VR = {"PN": "Secret{i:02d}^Person", "LO": "SECRET-{i:02d}-4242", "SH": "SECRET-{i:02d}-4242",
           "LT": "SECRET-{i:02d}-4242", "ST": "SECRET-{i:02d}-4242", "DA": "19{i:02d}0117", "TM": "2359{i:02d}.4242",
           "DT": "19{i:02d}0117235959.4242", "UI": "1.2.826.0.1.3680043.9.4242.{i}"}
@@ -161,6 +162,7 @@ def write_identified_dicom(path: Path, broken: str = "") -> Path:
             "header": data.index(PATIENT_NAME.encode()) + len(PATIENT_NAME)}[broken]
     path.write_bytes(data[:ends])
     return path
+
 
 BASE64_PNG = re.compile(rb"iVBORw0KGgo[A-Za-z0-9+/]+=*")  # a PNG's signature in base64, and the rest of it
 

@@ -58,6 +58,12 @@ def test_the_reader_keeps_the_allow_list_alone(tmp_path):
     assert not leaked(str(ds) + str(ds.file_meta))
 
 
+def test_no_other_code_parses_dicom():
+    readers = [path.relative_to(ROOT) for folder in ("platform", "jobs", "serve", "bench")
+               for path in (ROOT / folder).rglob("*.py") if "dcmread" in path.read_text()]
+    assert readers == [Path("platform/boneage/deid.py")]
+
+
 def test_prepare_writes_and_logs_no_identifier(cases, ray_session, ray_logs, tmp_path, caplog, capfd):
     caplog.set_level(logging.DEBUG)
     images, labels = cases
