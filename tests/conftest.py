@@ -46,6 +46,12 @@ def ray_session(session_temp):
     os.environ.pop("RAY_ADDRESS", None)
 
 
+@pytest.fixture(scope="session")
+def ray_logs(session_temp) -> Path:
+    """The log folder of the session's Ray runtime: what its workers, actors and Serve replicas print and log."""
+    return session_temp / "ray" / "session_latest" / "logs"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_process_left_behind():
     """After the last test: nothing the session started may still run (its Ray clusters, servers, jobs)."""

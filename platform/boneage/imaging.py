@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from PIL import Image, ImageFile, UnidentifiedImageError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+from boneage.deid import read_dicom
 
 REJECT_UNDECODABLE = "undecodable_image"
 REJECT_TRUNCATED = "truncated_image"
@@ -230,18 +231,17 @@ def _to_gray8(image: Image.Image) -> Image.Image:
 
 
 def _decode_dicom(data: bytes, max_megapixels: float) -> Image.Image:
+    """The radiograph of a DICOM file, read through :func:`boneage.deid.read_dicom`: no identifying element is
+    ever parsed, so no reject reason, warning or exception can quote one."""
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        ds = read_dicom(data)
         _check_dicom_kind(ds)
         _check_pixels(int(ds.Columns), int(ds.Rows), 1, max_megapixels)
-        pixels = ds.pixel_array
+        values = _windowed(_grayscale(ds.pixel_array), ds)
     except ImageRejected:
         raise
-    except Exception as err:  # pydicom raises many types for corrupt or unsupported files
+    except Exception as err:  # pydicom raises many types for corrupt or unsupported files (and LUT values)
         raise _dicom_failure(err, ds if "ds" in locals() else None) from err
-    if pixels.ndim != 2:
-        raise ImageRejected(REJECT_DICOM, f"DICOM pixel data of shape {pixels.shape} is not one grayscale image")
-    values = apply_voi_lut(_modality_values(pixels, ds), ds).astype(np.float32)
     gray = _minmax_to_uint8(values)
     if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
         gray = 255 - gray  # MONOCHROME1: high values are dark; flip so bone is bright as in every PNG
@@ -279,6 +279,19 @@ def _decodable(syntax) -> bool:
         return get_decoder(syntax).is_available
     except NotImplementedError:
         return False
+
+
+def _grayscale(pixels: np.ndarray) -> np.ndarray:
+    """The (H, W) radiograph of decoded pixel data (:func:`_check_dicom_kind` has refused several frames and
+    colour already; this catches a file whose header said otherwise)."""
+    if pixels.ndim != 2:
+        raise ImageRejected(REJECT_DICOM, f"DICOM pixel data of shape {pixels.shape} is not one grayscale image")
+    return pixels
+
+
+def _windowed(pixels: np.ndarray, ds) -> np.ndarray:
+    """Stored pixels through the modality and VOI LUTs, as float32."""
+    return apply_voi_lut(_modality_values(pixels, ds), ds).astype(np.float32)
 
 
 def _modality_values(pixels: np.ndarray, ds) -> np.ndarray:

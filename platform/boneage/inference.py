@@ -27,13 +27,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import pydicom
 import torch
 from PIL import Image
 from torch import nn
 
 from boneage.bundle import LoadedBundle, load_bundle, resolve
 from boneage.config import AnswerConfig, ServeConfig
+from boneage.deid import patient_sex
 from boneage.errors import JobError
 from boneage.imaging import is_dicom, load_radiograph_sizes
 from boneage.model import BoneAgeNet
@@ -226,7 +226,7 @@ class BoneAgePredictor:
         """File bytes (PNG, JPEG or DICOM) -> both canvases, the model's exactly as prepare frames the file
         (:func:`~boneage.imaging.load_radiograph`); raises ``ImageRejected`` with a reason code."""
         canvas, display = load_radiograph_sizes(data, (self.image_size, self.overlay_size), self.max_megapixels)
-        return Radiograph(canvas, display, dicom_patient_sex(data) if is_dicom(data) else None)
+        return Radiograph(canvas, display, patient_sex(data) if is_dicom(data) else None)
 
     def answer(self, canvases: np.ndarray, male: np.ndarray) -> Answers:
         """``canvases`` (B, S, S) uint8 and ``male`` (B,) bool -> the served answers with their trust signals, from
@@ -363,13 +363,3 @@ def heatmap_grid(heatmap: np.ndarray, cells: int) -> list[list[float]]:
     """The heat map averaged down to ``cells`` x ``cells`` (row-major, top row first), 3 decimals."""
     small = Image.fromarray(heatmap.astype(np.float32)).resize((cells, cells), Image.Resampling.BOX)
     return np.round(np.asarray(small, dtype=np.float64), 3).tolist()
-
-
-def dicom_patient_sex(data: bytes) -> str | None:
-    """PatientSex (0010,0040) of a DICOM file as ``M``/``F``; None when absent or anything else (e.g. ``O``)."""
-    try:
-        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["PatientSex"])
-    except Exception:  # an unreadable header: decoding the pixels reports the problem
-        return None
-    value = str(header.get("PatientSex", "")).strip().upper()
-    return value if value in ("M", "F") else None

@@ -32,6 +32,7 @@ from boneage.bundle import read_meta, resolve
 from boneage.cluster import connect_to_ray, wants_gpu
 from boneage.config import AnswerConfig, ScoringConfig
 from boneage.dataset import images_from_column, prepared_rows, read_manifest, split_names, split_path
+from boneage.deid import patient_sex
 from boneage.errors import JobError
 from boneage.imaging import REJECT_UNDECODABLE, ImageRejected, is_dicom, load_radiograph
 from boneage.rsna import REJECT_AMBIGUOUS_IMAGE, REJECT_COLUMNS, index_images, read_labels, unlabeled_image_rejects
@@ -239,8 +240,6 @@ class BatchScorer:
 
     def _read_files(self, paths: np.ndarray, sexes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Model canvases, sex (given, or the DICOM header's) and reject reasons ('' when usable) of files."""
-        from boneage.inference import dicom_patient_sex
-
         size = self.image_size
         canvases = np.zeros((len(paths), size, size), dtype=np.uint8)
         sex, reasons = np.array(sexes, dtype=object), np.full(len(paths), "", dtype=object)
@@ -251,7 +250,7 @@ class BatchScorer:
                 reasons[i] = f"{REJECT_UNDECODABLE}: cannot read file: {err}"
                 continue
             if not sex[i]:  # the labels' sex, where they give one, is taken as it is: the header is not read
-                sex[i] = (dicom_patient_sex(data) if is_dicom(data) else None) or ""
+                sex[i] = (patient_sex(data) if is_dicom(data) else None) or ""
             if not sex[i]:
                 reasons[i] = (f"{REJECT_MISSING_SEX}: no sex in the labels file"
                               f"{' nor PatientSex M/F in the DICOM header' if is_dicom(data) else ''}; it is never "

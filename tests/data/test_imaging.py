@@ -123,3 +123,11 @@ def test_truncated_dicom_is_rejected(tmp_path):
     path.write_bytes(path.read_bytes()[:-500])
     with pytest.raises(ImageRejected):
         load_radiograph(path, SIZE)
+
+
+def test_dicom_with_a_window_that_is_no_number_is_rejected(tmp_path):
+    data = write_dicom(tmp_path / "a.dcm", window=(1234, 3000)).read_bytes()
+    assert data.count(b"1234") == 1
+    (tmp_path / "a.dcm").write_bytes(data.replace(b"1234", b"ab.x"))  # Window Center: a DS that is no number
+    with pytest.raises(ImageRejected, match="undecodable_image: DICOM TypeError"):
+        load_radiograph(tmp_path / "a.dcm", SIZE)

@@ -28,6 +28,7 @@ def write_phantom_dicom(path: Path, image: np.ndarray, male: bool, age_months: i
     write it) with PatientSex and PatientAge; readers invert MONOCHROME1 back to bone-bright."""
     ds = new_dicom(DigitalXRayImageStorageForPresentation)
     ds.Modality, ds.BodyPartExamined, ds.ViewPosition, ds.Laterality = "DX", "HAND", "PA", "L"
+    # Identifiers as an export carries them (synthetic here), which boneage.deid's reader never parses
     ds.PatientID, ds.PatientName = path.stem, "Phantom^Synthetic"
     ds.PatientSex = "M" if male else "F"
     ds.PatientAge = f"{min(age_months // 12, 999):03d}Y"
