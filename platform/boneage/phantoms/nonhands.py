@@ -3,7 +3,9 @@
 :func:`ood_corpus` makes them all by code, no downloads: blank films, noise, rendered text, natural photographs
 (scikit-image's bundled samples: the test and bench extras install it), a chest-like radiograph drawn with the
 phantom film code, and two altered phantom hands, mirrored (a right hand) and inverted (a negative film). Each is
-encoded as a PNG and framed by :func:`boneage.imaging.load_radiograph`, the path every real upload takes.
+encoded as a PNG, decoded and framed as every real upload is, but without the reader's content checks
+(:func:`boneage.imaging.check_content`): those refuse blank films (and some text pages) before any model sees
+them, and the corpus measures the detector itself.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from boneage.imaging import load_radiograph
+from boneage.imaging import decode_grayscale, fit_to_square
 from boneage.phantoms.anatomy import Capsule, Ellipse, Hand, Structure
 from boneage.phantoms.film import ASPECT, PIVOT_MM, Pose, expose
 from boneage.phantoms.generate import make_phantom
@@ -73,7 +75,8 @@ def ood_corpus(size: int, seed: int = 0, per_kind: int = 12) -> dict[str, np.nda
         "inverted_hand": [255 - hand for hand in hands],
         "mirrored_hand": [np.ascontiguousarray(hand[:, ::-1]) for hand in hands],
     }
-    return {kind: np.stack([load_radiograph(_png(image), size) for image in images]) for kind, images in films.items()}
+    return {kind: np.stack([fit_to_square(decode_grayscale(_png(image)), size) for image in images])
+            for kind, images in films.items()}
 
 
 def _film_shape(rng: np.random.Generator) -> tuple[int, int]:
