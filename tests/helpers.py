@@ -131,15 +131,22 @@ def make_bundle(folder: Path, seed: int = 0, val_mae: float = 9.5, data: str = "
     with the trust signals ``trust`` (none by default); returns the folder and the model."""
     import torch
 
-    from boneage.bundle import BundleMeta, DataSource, TargetScale, write_bundle
+    from boneage.bundle import write_bundle
     from boneage.model import build_model
 
     torch.manual_seed(seed)
-    cfg = load_config(overrides=["model.head=[16]", "model.dropout=0", "model.sex_embedding=4"]).model
-    model = build_model(cfg, size).eval()
-    meta = BundleMeta(name=name, model=cfg, image_size=size, target=TargetScale(mean=120.0, std=40.0),
-                      data=DataSource(manifest_fingerprint=data), metrics={"val_mae": val_mae}, trust=trust)
+    meta = bundle_meta(val_mae, data, size, name, trust)
+    model = build_model(meta.model, size).eval()
     return write_bundle(folder, model.state_dict(), meta), model
+
+
+def bundle_meta(val_mae: float = 9.5, data: str = "manifest-a", size: int = 64, name: str = "m", trust=None):
+    """The ``bundle.json`` of a small test model: tiny head, target 120 +- 40 months, validated on ``data``."""
+    from boneage.bundle import BundleMeta, DataSource, TargetScale
+
+    cfg = load_config(overrides=["model.head=[16]", "model.dropout=0", "model.sex_embedding=4"]).model
+    return BundleMeta(name=name, model=cfg, image_size=size, target=TargetScale(mean=120.0, std=40.0),
+                      data=DataSource(manifest_fingerprint=data), metrics={"val_mae": val_mae}, trust=trust)
 
 
 # Residual SD by true age band: infants are read far more precisely than teenagers, as in the RSNA data.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import boneage
+from boneage.errors import JobError
 
 _CHUNK = 1 << 20
 
@@ -86,16 +88,78 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    with temporary_sibling(final.parent, f".{final.name}.tmp-") as tmp:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex}")
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+
+
+@contextmanager
+def temporary_sibling(parent: Path, prefix: str) -> Iterator[Path]:
+    """Yield a new empty folder in ``parent`` named ``<prefix><random>``, for a write that ends by renaming it into
+    place; if the write fails, the folder and whatever it holds are removed."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex}")
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+
+
+def save_torch(value: Any, path: str | Path) -> None:
+    """``torch.save`` through a Python file object: on a full disk its error then carries ``OSError(ENOSPC)`` (as
+    its context), which :func:`disk_full_reported` recognises; saving to a file name gives only torch's
+    "unexpected pos" RuntimeError."""
+    import torch  # not at the top: the data jobs import this module without needing torch
+
+    with open(path, "wb") as out:
+        torch.save(value, out)
+
+
+class DiskFull(JobError, OSError):
+    """A write ran out of disk space; what it would have replaced is untouched."""
+
+
+# Out of space, or out of the user's quota: either way nothing more can be written there.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXTS = tuple(os.strerror(code) for code in _FULL)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` or any error it wraps is a full disk. Ray hands on a task's error as ``cause``, Ray Train a
+    worker's in ``worker_failures``, torch.save its OSError as the context of its own RuntimeError, and
+    ``shutil.copytree`` its files' errors as text."""
+    pending, seen = [error], set()
+    while pending:
+        err = pending.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _FULL:
+            return True
+        if isinstance(err, shutil.Error) and any(text in str(err) for text in _FULL_TEXTS):
+            return True
+        pending += [err.__cause__, err.__context__, getattr(err, "cause", None),
+                    *getattr(err, "worker_failures", {}).values()]
+    return False
+
+
+@contextmanager
+def disk_full_reported(what: str, where: str | Path, kept: str) -> Iterator[None]:
+    """Turn a full disk while writing ``what`` to ``where`` into one :class:`DiskFull` line that says to free space
+    and rerun, and what was ``kept`` (a clause, e.g. "the previous dataset there is untouched"). The one place
+    that words this error; writers leave what they replace untouched (:func:`atomic_directory`,
+    :func:`atomic_file`), so the callers can say so."""
+    try:
+        yield
+    except DiskFull:
+        raise  # reported already, by a writer nested inside this one
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        raise DiskFull(f"disk full while writing {what} to {where}: free space there and rerun; {kept}") from err

@@ -31,7 +31,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from boneage.artifacts import code_version, sha256_file, write_json
+from boneage.artifacts import (code_version, disk_full_reported, save_torch, sha256_file, temporary_sibling,
+                               write_json)
 from boneage.config import ModelConfig, parse_section, to_dict
 from boneage.errors import JobError
 from boneage.model import BoneAgeNet
@@ -174,7 +175,7 @@ class LoadedBundle:
 def write_bundle(folder: Path, state_dict: dict[str, torch.Tensor], meta: BundleMeta) -> Path:
     """Write ``model.pt`` and ``bundle.json`` (with the weights' checksum and provenance) into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(state_dict, folder / WEIGHTS)
+    save_torch(state_dict, folder / WEIGHTS)
     dataclasses.replace(meta, weights_sha256=sha256_file(folder / WEIGHTS), **_provenance()).save(folder)
     return folder
 
@@ -314,9 +315,10 @@ def promote_if_better(version: Path, root: str | Path, name: str) -> Promotion:
                                     f"version {current['version']} (val MAE {current['val_mae']:.2f}): best stays")
         else:
             reason = f"it beats version {current['version']} (val MAE {current['val_mae']:.2f})"
-        write_json(Path(root) / name / BEST, {"version": int(version.name), "val_mae": mae,
-                                              "manifest_fingerprint": data,
-                                              "promoted": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        alias = Path(root) / name / BEST
+        with disk_full_reported(f"the {name}:best alias", alias, f"{name}:best is untouched"):
+            write_json(alias, {"version": int(version.name), "val_mae": mae, "manifest_fingerprint": data,
+                               "promoted": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     return Promotion(True, f"promoted version {version.name} (val MAE {mae:.2f}) to {name}:best: {reason}")
 
 
@@ -335,7 +337,8 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 def register(bundle: Path, root: str | Path, name: str) -> Path:
-    """Copy a bundle folder into the registry as the next version of ``name``; return the version folder.
+    """Copy a bundle folder into the registry as the next version of ``name``; return the version folder. A copy
+    that fails (a full disk: :class:`~boneage.artifacts.DiskFull`) leaves nothing behind.
 
     A bundle whose weights (all its members') are already registered under ``name`` is not copied again: its
     version is returned.
@@ -348,16 +351,31 @@ def register(bundle: Path, root: str | Path, name: str) -> Path:
     for version in versions(root, name):  # an ensemble is the same bundle only with the same members
         if BundleMeta.load(models / str(version)).weight_files() == meta.weight_files():
             return models / str(version)
-    staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=models))
-    shutil.copytree(bundle, staging, dirs_exist_ok=True)
+    full = disk_full_reported(f"a new version of {name}", models, f"its versions and {name}:best are untouched")
+    with full, temporary_sibling(models, ".incoming-") as staging:
+        shutil.copytree(bundle, staging, dirs_exist_ok=True)
+        return _next_version(staging, models)
+
+
+def _next_version(staging: Path, models: Path) -> Path:
+    """Rename the complete copy ``staging`` to the next free version number in ``models``; return that folder."""
     while True:  # another process may take a number first: rename fails, try the next one
-        target = models / str(max(versions(root, name), default=0) + 1)
+        target = models / str(max(versions(models.parent, models.name), default=0) + 1)
         try:
             os.rename(staging, target)  # atomic: readers never see a half-copied version
             return target
         except OSError:
             if not target.exists():
                 raise
+
+
+@contextmanager
+def staging_folder() -> Iterator[Path]:
+    """A temporary folder to build a bundle in before :func:`register` copies it into the registry; removed
+    afterwards. A full disk there is reported as such (:class:`~boneage.artifacts.DiskFull`)."""
+    with tempfile.TemporaryDirectory(prefix="bundle-") as staging:
+        with disk_full_reported("the model bundle", staging, "the registry is untouched"):
+            yield Path(staging)
 
 
 def reference(version: Path) -> str:

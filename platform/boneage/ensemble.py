@@ -14,12 +14,11 @@ val MAE, which ranks it for ``best``, is the ensemble's raw answers' on the same
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from boneage.bundle import (BundleError, Promotion, promote_if_better, read_meta, reference, register, resolve,
-                            write_ensemble)
+                            staging_folder, write_ensemble)
 from boneage.config import Config
 from boneage.signals import attach_signals
 
@@ -50,8 +49,8 @@ def run_ensemble(cfg: Config) -> EnsembleOutcome:
 def export_ensemble(members: list[Path], data: str, registry_root: str, name: str) -> Path:
     """Write the bundles ``members`` (best first) as one ensemble, fit its signals on the prepared ``data`` (empty:
     the members'), measure its val MAE and register it as the next version of ``name``."""
-    with tempfile.TemporaryDirectory() as staging:
-        folder = write_ensemble(Path(staging) / "ensemble", members)
+    with staging_folder() as staging:
+        folder = write_ensemble(staging / "ensemble", members)
         prepared = data or read_meta(folder).data.prepared
         if not Path(prepared).is_dir():
             raise BundleError(f"the members' prepared data {prepared} is not on this machine: set ensemble.data to "

@@ -34,7 +34,8 @@ from ray.data import DataContext, Datasink
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import WriteResult
 
-from boneage.artifacts import atomic_directory, code_version, file_listing, sha256_file, sha256_json, write_json
+from boneage.artifacts import (atomic_directory, code_version, disk_full_reported, file_listing, sha256_file,
+                               sha256_json, write_json)
 from boneage.config import Config, DataConfig, Role, save_config, values_with
 from boneage.dataset import (CONFIG, MANIFEST, REJECTS, SPLIT_COLUMN, image_column, quiet_context, read_manifest,
                              split_path)
@@ -83,7 +84,8 @@ def prepare_dataset(cfg: Config) -> Path:
     _check_reject_fraction(rows.rejects, rows.total, data, out)  # fail before decoding anything
 
     log.info("decoding %d images at %d px with Ray Data", len(rows.table), data.image_size)
-    with atomic_directory(out) as tmp:
+    full = disk_full_reported("the prepared dataset", out, "the prepared dataset already there (if any) is untouched")
+    with full, atomic_directory(out) as tmp:
         sink = SplitParquetSink(tmp)
         with DataContext.current(_decode_context()):
             decode_images(rows.table, data).write_datasink(sink)  # one streaming pass: decode, split, write

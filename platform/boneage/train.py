@@ -35,9 +35,9 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from boneage.artifacts import atomic_directory
+from boneage.artifacts import atomic_directory, disk_full_reported, save_torch
 from boneage.bundle import (BundleMeta, DataSource, TargetScale, promote_if_better, reference, register,
-                            write_bundle)
+                            staging_folder, write_bundle)
 from boneage.cluster import connect_to_ray, wants_gpu
 from boneage.config import Config, config_from_dict, derived_name, settings_fingerprint, to_dict
 from boneage.curves import TensorBoardCurves
@@ -285,8 +285,8 @@ def report_with_checkpoint(metrics: EpochMetrics, step: TrainStep, rank: int, lo
 
 def save_checkpoint(folder: Path, epoch: int, step: TrainStep) -> None:
     """The validated weights (the bundle's), and the training state."""
-    torch.save(step.eval_net.state_dict(), folder / MODEL_FILE)
-    torch.save({**step.state_dict(), "epoch": epoch}, folder / STATE_FILE)
+    save_torch(step.eval_net.state_dict(), folder / MODEL_FILE)
+    save_torch({**step.state_dict(), "epoch": epoch}, folder / STATE_FILE)
 
 
 def format_epoch(metrics: EpochMetrics, epochs: int) -> str:
@@ -378,7 +378,9 @@ def run_training(cfg: Config) -> TrainOutcome:
     log.info("training run %s: %d train / %d val images at %d px; predict-the-mean val MAE %.2f months", name,
              counts["train"], counts["val"], loop.image_size, plan.baseline_mae)
     log.info("%s", waiting_for_workers(cfg))
-    result = make_trainer(cfg, loop, plan.datasets, name, storage).fit()
+    with disk_full_reported("a training checkpoint", f"{storage}/{name}", "the run's earlier checkpoints are kept, "
+                            "and the same job resumes from the last one"):
+        result = make_trainer(cfg, loop, plan.datasets, name, storage).fit()
     best, metrics = best_checkpoint(result, name)
     bundle = export_bundle(best, cfg, plan, metrics, name)
     log.info("%s", promote_if_better(bundle, cfg.registry.root, cfg.registry.name).message)
@@ -467,8 +469,8 @@ def best_checkpoint(result: ray.train.Result, name: str) -> tuple[Checkpoint, di
 def export_bundle(checkpoint: Checkpoint, cfg: Config, plan: RunPlan, metrics: dict[str, Any], name: str) -> Path:
     """Write the checkpoint as a model bundle with its trust signals and out-of-distribution detector, and
     register it as the next version in the registry."""
-    with tempfile.TemporaryDirectory() as staging:
-        bundle = write_checkpoint_bundle(checkpoint, cfg, plan, metrics, name, Path(staging))
+    with staging_folder() as staging:
+        bundle = write_checkpoint_bundle(checkpoint, cfg, plan, metrics, name, staging)
         attach_signals(bundle, cfg.data.out)
         return register(bundle, cfg.registry.root, cfg.registry.name)
 

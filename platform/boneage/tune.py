@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from collections.abc import Iterable
 from pathlib import Path
@@ -46,7 +45,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.util.state import list_actors
 
 from boneage.artifacts import atomic_file
-from boneage.bundle import promote_if_better
+from boneage.bundle import promote_if_better, staging_folder
 from boneage.cluster import connect_to_ray
 from boneage.config import Config, ConfigError, Role, config_from_dict, derived_name, keys_with, to_dict, with_overrides
 from boneage.dataset import read_manifest
@@ -317,8 +316,8 @@ def _trial_best(result: tune.Result, metric: str, sweep: str) -> TrialBest:
 
 def _export_ensemble(trials: list[TrialBest], cfg: Config, plan: RunPlan) -> Path:
     """The trials' best checkpoints, staged as bundles, exported as one registered ensemble (best first)."""
-    with tempfile.TemporaryDirectory() as staging:
-        members = [write_checkpoint_bundle(t.checkpoint, t.cfg, plan, t.metrics, t.run, Path(staging) / f"m{i}")
+    with staging_folder() as staging:
+        members = [write_checkpoint_bundle(t.checkpoint, t.cfg, plan, t.metrics, t.run, staging / f"m{i}")
                    for i, t in enumerate(trials)]
         log.info("exporting the %d best trials as one ensemble", len(members))
         return export_ensemble(members, cfg.data.out, cfg.registry.root, cfg.registry.name)
