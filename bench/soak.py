@@ -35,7 +35,6 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-import psutil
 import ray
 import yaml
 
@@ -74,10 +73,10 @@ def main() -> None:
         for seed in (0, 1):  # two versions, for the rolling update
             register(demo_like_bundle(work / f"bundle-{seed}", args.image_size, seed=seed), registry, "soak")
         requests = Requests(phantom_png(work))
-        with served(work, registry) as deploy:
-            results = {"soak": soak(requests, args.minutes * 60, args.concurrency),
-                       "replica_death": replica_death(requests),
-                       "rolling_update": rolling_update(requests, deploy)}
+        with served(work, registry) as service:
+            results = {"soak": soak(requests, service, args.minutes * 60, args.concurrency),
+                       "replica_death": replica_death(requests, service),
+                       "rolling_update": rolling_update(requests, service)}
     write_result("soak", {"minutes": args.minutes, "concurrency": args.concurrency, "image_size": args.image_size,
                           **results, "targets": {"valid_failures": 0, "rss_growth_max": 0.05,
                                                  "rolling_update_failures": 0}})
@@ -140,9 +139,9 @@ def failed(outcome: Outcome) -> bool:
     return outcome.kind != "bad" and (outcome.status is None or outcome.status >= 500)
 
 
-def soak(requests: Requests, seconds: float, concurrency: int) -> dict[str, Any]:
+def soak(requests: Requests, service: served, seconds: float, concurrency: int) -> dict[str, Any]:
     """Phase 1: sustained mixed load, replica memory sampled every 10 s."""
-    sampler = RssSampler()
+    sampler = RssSampler(service.dashboard)
     sampler.start()
     outcomes = run_load(requests, seconds, concurrency)
     sampler.stop()
@@ -167,18 +166,30 @@ def per_minute(valid: list[Outcome]) -> list[dict[str, Any]]:
              "p99_ms": float(np.percentile(ms, 99))} for m, ms in sorted(minutes.items())]
 
 
-def replica_pids() -> dict[str, int]:
-    """The running replicas of the application: actor name -> process ID (Ray's State API)."""
+def replica_pids(dashboard: str) -> dict[str, int]:
+    """The running replicas of the application: actor name -> process ID (Ray's State API at ``dashboard``)."""
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    actors = list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], limit=1000)
     return {a.name: a.pid for a in actors if (a.class_name or "").startswith("ServeReplica:") and APP in a.name}
+
+
+def resident_bytes(pid: int) -> int | None:
+    """A process's resident memory (Linux's /proc), or None once it has exited."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 class RssSampler:
     """Each replica's resident memory, every 10 s, in a thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, dashboard: str) -> None:
+        self.dashboard = dashboard
         self.samples: dict[str, list[tuple[float, int]]] = {}
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -197,12 +208,10 @@ class RssSampler:
             self._sample()
 
     def _sample(self) -> None:
-        for name, pid in replica_pids().items():
-            try:
-                rss = psutil.Process(pid).memory_info().rss
-            except psutil.Error:
-                continue
-            self.samples.setdefault(name, []).append((time.monotonic() - self._origin, rss))
+        for name, pid in replica_pids(self.dashboard).items():
+            rss = resident_bytes(pid)
+            if rss is not None:
+                self.samples.setdefault(name, []).append((time.monotonic() - self._origin, rss))
 
     def growth(self, warmup_s: float) -> dict[str, dict[str, float]]:
         """Per replica: RSS first seen after the warm-up, at the end, and the growth between them."""
@@ -215,12 +224,12 @@ class RssSampler:
         return out
 
 
-def replica_death(requests: Requests) -> dict[str, Any]:
+def replica_death(requests: Requests, service: served) -> dict[str, Any]:
     """Phase 2: SIGKILL one replica 15 s into 60 s of load at concurrency 8 (valid requests only)."""
     killed: dict[str, Any] = {}
 
     def kill_one() -> None:
-        name, pid = sorted(replica_pids().items())[0]
+        name, pid = sorted(replica_pids(service.dashboard).items())[0]
         killed.update(replica=name, pid=pid, at_s=15.0)
         os.kill(pid, signal.SIGKILL)
 
@@ -231,19 +240,19 @@ def replica_death(requests: Requests) -> dict[str, Any]:
     in_flight = [o for o in failures if o.started <= 15.0 <= o.started + o.seconds]
     result = {"requests": len(outcomes), "failed": len(failures), "failed_in_flight_at_kill": len(in_flight),
               "seconds_to_recovery": max((o.started + o.seconds for o in failures), default=15.0) - 15.0,
-              "killed": killed, "replicas_after": sorted(replica_pids())}
+              "killed": killed, "replicas_after": sorted(replica_pids(service.dashboard))}
     print(f"replica death: {result['failed']} of {result['requests']} failed ({result['failed_in_flight_at_kill']} "
           f"in flight at the kill), every request succeeds again {result['seconds_to_recovery']:.1f} s after it",
           flush=True)
     return result
 
 
-def rolling_update(requests: Requests, deploy) -> dict[str, Any]:
+def rolling_update(requests: Requests, service: served) -> dict[str, Any]:
     """Phase 3: `serve deploy` of version 2 15 s into 60 s of load at concurrency 8."""
     deployed: dict[str, Any] = {}
 
     def update() -> None:
-        deployed["returncode"] = deploy("soak:2").returncode
+        deployed["returncode"] = service.deploy("soak:2").returncode
         deployed["at_s"] = 15.0
 
     timer = threading.Timer(15.0, update)
@@ -261,8 +270,9 @@ def rolling_update(requests: Requests, deploy) -> dict[str, Any]:
 
 
 class served:
-    """Ray with a dashboard (Serve's REST API, which `serve deploy` talks to) and the application deployed from
-    configs/serve.yaml with ``model_uri=soak:1``; the context value deploys another version. Shut down after."""
+    """Ray with a dashboard (Serve's REST API, which `serve deploy` talks to; the State API) and the application
+    deployed from configs/serve.yaml with ``model_uri=soak:1``; :meth:`deploy` deploys another version. Shut down
+    after."""
 
     def __init__(self, work: Path, registry: Path):
         self.work, self.registry = work, registry
@@ -270,13 +280,13 @@ class served:
     def __enter__(self):
         from ray import serve
 
-        context = ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+        context = ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
         self.dashboard = f"http://{context.dashboard_url}"
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
         self.deploy("soak:1")
         while serve.status().applications.get(APP) is None or serve.status().applications[APP].status != "RUNNING":
             time.sleep(1.0)
-        return self.deploy
+        return self
 
     def deploy(self, model_uri: str) -> subprocess.CompletedProcess:
         config = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
