@@ -210,3 +210,26 @@ def test_the_page_shows_an_ensembles_spread_and_refuses_what_is_not_a_hand(visit
         expect(page.locator("#error")).to_contain_text("does not look like the hand radiographs", timeout=30_000)
     assert visit.blocked == []
 
+
+
+def test_the_page_asks_for_the_api_key_when_the_service_wants_one_and_then_answers(visit, registry, phantoms,
+                                                                                  tmp_path, monkeypatch):
+    monkeypatch.setenv("BONEAGE_API_KEY", "page-key-0123456789")
+    page = visit.page
+    with direct_service(registry) as url:  # on loopback, keys are off by default: no key field
+        page.goto(f"{url}/")
+        header_resolved(page)
+        assert not page.is_visible("#key-row")
+    with direct_service(registry, "serve.auth=api_key") as url:
+        page.goto(f"{url}/")
+        expect(page.locator("#model")).to_contain_text("needs an API key", timeout=30_000)  # /v1/model: 401
+        assert page.is_visible("#key-row")
+        page.fill("#key", "page-key-0123456789")
+        page.dispatch_event("#key", "change")
+        expect(page.locator("#model")).to_contain_text("tiny version 1", timeout=30_000)
+        png, sex = phantoms[0]
+        (tmp_path / "hand.png").write_bytes(png)
+        assess(page, tmp_path / "hand.png", sex)  # the upload carries the key
+        answer = post(url, "predict", png, sex=sex, headers={"X-API-Key": "page-key-0123456789"}).json()
+        assert page.text_content("#months") == f"{answer['bone_age_months']:.1f}"
+    assert visit.blocked == []
