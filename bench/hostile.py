@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -25,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import demo_like_bundle, write_result  # noqa: E402
 from serve_latency import phantom_png  # noqa: E402
 
-from boneage.api import REJECTED_STATUS, direct_server  # noqa: E402
+from boneage.api import REJECTED_STATUS, direct_server, serving_in_thread  # noqa: E402
 from boneage.config import load_config  # noqa: E402
 from boneage.dataset import REJECTS  # noqa: E402
 from boneage.imaging import REJECT_UNDECODABLE  # noqa: E402
@@ -61,22 +59,14 @@ def api_answers(cases: list[HostileFile], work: Path) -> tuple[dict[str, tuple[i
     """Each case's (status, error code) from the API on the plain server; then a valid phantom's status."""
     bundle = demo_like_bundle(work / "bundle", 64)
     settings = load_config(overrides=[f"serve.model_uri={bundle}", "serve.torch_threads=1"]).serve
-    server = direct_server(settings, port=8141)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        url = "http://127.0.0.1:8141/v1/predict"
+    with serving_in_thread(direct_server(settings, port=8141)) as base:
+        url = f"{base}/v1/predict"
         answers = {}
         for case in cases:
             response = requests.post(url, files={"file": (case.name, case.data)}, data={"sex": "F"}, timeout=60)
             answers[case.name] = (response.status_code, response.json().get("error", ""))
         after = requests.post(url, files={"file": ("hand.png", phantom_png(work))}, data={"sex": "F"}, timeout=60)
         return answers, after.status_code
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ import itertools
 import math
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import demo_like_bundle, write_result  # noqa: E402
 
-from boneage.api import direct_server  # noqa: E402
+from boneage.api import direct_server, serving_in_thread  # noqa: E402
 from boneage.config import ServeConfig, load_config, parse_section, to_dict  # noqa: E402
 from boneage.phantoms.generate import generate_phantoms  # noqa: E402
 
@@ -92,16 +91,8 @@ class LoadPlan:
 
 
 def measure_plain(settings: ServeConfig, plan: LoadPlan) -> dict[str, Any]:
-    server = direct_server(settings, port=8123)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        return run_load("http://127.0.0.1:8123", plan)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with serving_in_thread(direct_server(settings, port=8123)) as url:
+        return run_load(url, plan)
 
 
 def measure_serve(settings: ServeConfig, deployment: dict[str, Any], plan: LoadPlan) -> dict[str, Any]:

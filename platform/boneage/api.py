@@ -29,8 +29,11 @@ import ipaddress
 import logging
 import os
 import secrets
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http import HTTPStatus
 from importlib import resources
 from typing import Any, Protocol
@@ -605,3 +608,20 @@ def direct_server(settings: ServeConfig, host: str = "127.0.0.1", port: int = 80
     log.info("serving %s: %s", predictor.bundle.path, predictor.computes_in)
     app = create_api(DirectBackend(predictor, host), settings)
     return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+
+
+@contextmanager
+def serving_in_thread(server: uvicorn.Server, timeout_s: float = 60.0) -> Iterator[str]:
+    """Run ``server`` (a :func:`direct_server`) in a daemon thread for the block; its URL once it listens."""
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise TimeoutError(f"the plain uvicorn server did not start within {timeout_s:g} s")
+        time.sleep(0.05)
+    try:
+        yield f"http://{server.config.host}:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -233,6 +233,7 @@ def _to_gray8(image: Image.Image) -> Image.Image:
 def _decode_dicom(data: bytes, max_megapixels: float) -> Image.Image:
     """The radiograph of a DICOM file, read through :func:`boneage.deid.read_dicom`: no identifying element is
     ever parsed, so no reject reason, warning or exception can quote one."""
+    ds = None  # for the failure's reason: the transfer syntax, once the header is read
     try:
         ds = read_dicom(data)
         _check_dicom_kind(ds)
@@ -241,7 +242,7 @@ def _decode_dicom(data: bytes, max_megapixels: float) -> Image.Image:
     except ImageRejected:
         raise
     except Exception as err:  # pydicom raises many types for corrupt or unsupported files (and LUT values)
-        raise _dicom_failure(err, ds if "ds" in locals() else None) from err
+        raise _dicom_failure(err, ds) from err
     gray = _minmax_to_uint8(values)
     if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
         gray = 255 - gray  # MONOCHROME1: high values are dark; flip so bone is bright as in every PNG

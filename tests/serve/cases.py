@@ -6,7 +6,6 @@ import io
 import os
 import subprocess
 import sys
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import yaml
 from PIL import Image
 
 from boneage.config import load_config, to_dict
-from helpers import ROOT, free_port, wait_until
+from helpers import ROOT, free_port
 from images import gradient, write_bomb_png, write_dicom, write_truncated_png
 
 AGE_FIELD = "chronological_age_months"
@@ -122,14 +121,7 @@ def noise_png(seed: int = 0) -> bytes:
 @contextmanager
 def direct_service(registry, *settings: str):
     """The API on a plain uvicorn server in this process, for the duration of the block."""
-    from boneage.api import direct_server
+    from boneage.api import direct_server, serving_in_thread
 
-    server = direct_server(serve_settings(registry, *settings), port=free_port())
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started, "the plain uvicorn server to start", timeout=60, interval=0.05)
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving_in_thread(direct_server(serve_settings(registry, *settings), port=free_port())) as url:
+        yield url

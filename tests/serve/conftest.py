@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
 import yaml
 
 from boneage.bundle import register
-from cases import APP, SHIPPED, deploy_session_app, serve_settings
-from helpers import free_port, make_bundle, synthetic_trust, wait_until
+from cases import APP, SHIPPED, deploy_session_app, direct_service, serve_settings
+from helpers import free_port, make_bundle, synthetic_trust
 
 
 @pytest.fixture(scope="session")
@@ -28,15 +27,8 @@ def registry(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def direct_url(registry):
     """The API on a plain uvicorn server in this process (no Ray): fast checks of every route and error."""
-    from boneage.api import direct_server
-
-    server = direct_server(serve_settings(registry, "serve.max_upload_mb=1"), port=free_port())
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, "the plain uvicorn server to start", timeout=60, interval=0.05)
-    yield f"http://127.0.0.1:{server.config.port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with direct_service(registry, "serve.max_upload_mb=1") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

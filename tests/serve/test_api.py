@@ -8,7 +8,6 @@ import http.client
 import io
 import json
 import re
-import threading
 
 import numpy as np
 import pytest
@@ -19,8 +18,7 @@ from PIL import Image
 from boneage.precision import resolve_precision
 from boneage.metrics import AGE_BANDS
 from boneage.standards import assess
-from cases import AGE_FIELD, bad_requests, months_in_process, post, serve_settings
-from helpers import free_port, wait_until
+from cases import AGE_FIELD, bad_requests, direct_service, months_in_process, post
 from boneage.imaging import decode_grayscale, fit_to_square
 from images import write_dicom, write_jpeg, write_png16
 
@@ -207,18 +205,8 @@ def test_the_model_route_shows_the_trust_signals_and_the_docs_every_answer_field
 
 
 def test_a_bundle_without_trust_signals_answers_raw_and_says_why(registry, phantom_dir):
-    from boneage.api import direct_server
-
-    server = direct_server(serve_settings(registry, "serve.model_uri=tiny:2"), port=free_port())
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started, "the plain uvicorn server to start", timeout=60, interval=0.05)
-        url = f"http://127.0.0.1:{server.config.port}"
+    with direct_service(registry, "serve.model_uri=tiny:2") as url:
         answer = post(url, "predict", phantom_png(phantom_dir), sex="F").json()
         assert answer["calibrated"] is False and answer["interval_months"] is None
         trust = requests.get(f"{url}/v1/model", timeout=10).json()["trust"]
         assert not trust["available"] and "before trust signals" in trust["note"]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
