@@ -132,7 +132,8 @@ _FULL_TEXTS = tuple(os.strerror(code) for code in _FULL)
 
 def is_disk_full(error: BaseException) -> bool:
     """Whether ``error`` or any error it wraps is a full disk. Ray hands on a task's error as ``cause``, Ray Train a
-    worker's in ``worker_failures``, torch.save its OSError as the context of its own RuntimeError, and
+    worker's in ``worker_failures`` and its controller's (which may be a worker's error it met first) in
+    ``controller_failure``, torch.save its OSError as the context of its own RuntimeError, and
     ``shutil.copytree`` its files' errors as text."""
     pending, seen = [error], set()
     while pending:
@@ -145,7 +146,7 @@ def is_disk_full(error: BaseException) -> bool:
         if isinstance(err, shutil.Error) and any(text in str(err) for text in _FULL_TEXTS):
             return True
         pending += [err.__cause__, err.__context__, getattr(err, "cause", None),
-                    *getattr(err, "worker_failures", {}).values()]
+                    getattr(err, "controller_failure", None), *getattr(err, "worker_failures", {}).values()]
     return False
 
 

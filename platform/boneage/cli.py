@@ -54,11 +54,24 @@ class _OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a line is logged: one fixed at the first job would outlive it
+    where stdout is swapped per run (pytest's capture, a notebook cell) and then write to a closed file."""
+
+    @property
+    def stream(self) -> typing.TextIO:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _ignored: typing.TextIO) -> None:
+        pass  # StreamHandler sets it; the property always answers the current stdout
+
+
 def _log_to_stdout() -> None:
     """The library's progress lines, plain, on stdout (the Ray job log)."""
     logger = logging.getLogger("boneage")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

@@ -200,3 +200,20 @@ def test_job_help_lists_every_setting_of_its_areas(job, areas, capsys):
             key = f"{area}.{field.name}"
             assert key in listed, f"{job} --help does not list {key}"
             assert listed[key].rstrip().endswith(field.metadata.get("doc", "")), listed[key]
+
+
+def test_progress_lines_go_to_the_stdout_of_the_moment(monkeypatch):
+    """A job run in-process twice (tests, a notebook) logs to the second run's stdout, not to the first one's,
+    which is closed by then ("I/O operation on closed file" in every later line)."""
+    import io
+    import logging
+
+    from boneage.cli import parse_job_args
+
+    first, second = io.StringIO(), io.StringIO()
+    for stdout in (first, second):
+        monkeypatch.setattr(sys, "stdout", stdout)
+        parse_job_args([], description="a job", default_config=None, areas=["data"], uses_ray=False)
+        logging.getLogger("boneage").info("settings read")
+        first.close()
+    assert second.getvalue() == "settings read\n"

@@ -12,6 +12,7 @@ the best version, every version complete and distinct.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import multiprocessing
 import os
@@ -197,6 +198,45 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint_to_resume_fro
         subprocess.run(["mount", "-o", "remount,size=1g", str(disk)], check=True)  # space freed
         resumed = run_training(cfg)
     assert (resumed.final_metrics["resumed_at_epoch"], resumed.final_metrics["epoch"]) == (1, 2)
+
+
+def wrapped_disk_errors() -> dict[str, tuple[BaseException, bool]]:
+    """A full disk (and, as a control, a refused write) as each layer hands it on: whether it is a full disk."""
+    from ray.exceptions import RayTaskError
+    from ray.train import ControllerError, WorkerGroupError
+
+    def oserror(code: int) -> OSError:
+        return OSError(code, os.strerror(code))
+
+    def saved_by_torch(cause: OSError) -> RuntimeError:
+        try:
+            raise cause
+        except OSError:
+            try:
+                raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+            except RuntimeError as err:  # torch.save: its own error, the OSError as context
+                return err
+
+    full, refused = oserror(errno.ENOSPC), oserror(errno.EACCES)
+    return {
+        "quota": (oserror(errno.EDQUOT), True),
+        "torch.save": (saved_by_torch(full), True),
+        "a Ray task": (RayTaskError("upload", "traceback", full), True),
+        "a Train worker": (WorkerGroupError("rank 0 failed", {0: full}), True),
+        "the Train controller": (ControllerError(full), True),  # met a worker's upload error first (CI saw it)
+        "copytree": (shutil.Error([("a", "b", os.strerror(errno.ENOSPC))]), True),
+        "refused by the controller": (ControllerError(refused), False),
+        "refused in a worker": (WorkerGroupError("rank 0 failed", {0: refused}), False),
+    }
+
+
+@pytest.mark.parametrize("layer", list(wrapped_disk_errors()))
+def test_a_full_disk_is_recognised_through_every_layer_that_wraps_it(layer):
+    """However Ray, Ray Train, torch or shutil wrap it, a full disk is a full disk, and nothing else is."""
+    from boneage.artifacts import is_disk_full
+
+    error, full = wrapped_disk_errors()[layer]
+    assert is_disk_full(error) is full
 
 
 def test_a_full_disk_while_moving_best_keeps_it(tmp_path):
