@@ -6,27 +6,73 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from helpers import free_port, make_bundle, process_table, ray_cli, stop_processes
+from helpers import free_port, make_bundle, process_table, ray_cli, stop_processes, wait_until
 
 pytestmark = pytest.mark.slow
 
 
-def node_ports() -> list[str]:
+def node_ports(node_manager: int) -> list[str]:
     """Ports a second raylet on the same machine must not share with the first."""
     return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
+            f"--node-manager-port={node_manager}", f"--object-manager-port={free_port()}"]
+
+
+@dataclass
+class TwoNodes:
+    """A running local cluster: ``env`` runs Ray's CLI against it; the second node's raylet listens on
+    ``second_node_port``, which finds its processes."""
+
+    env: dict
+    dashboard: str
+    gcs: int
+    second_node_port: int = 0
+
+    def add_second_node(self) -> None:
+        """``ray start --address`` a worker node of 2 CPUs with a ``second_node`` resource."""
+        self.second_node_port = free_port()
+        worker = ray_cli(self.env, "start", f"--address=127.0.0.1:{self.gcs}", "--num-cpus=2",
+                         '--resources={"second_node": 1}', *node_ports(self.second_node_port))
+        assert worker.returncode == 0, worker.stdout + worker.stderr
+
+    def stop_second_node(self) -> None:
+        """What ``ray stop`` on the second machine does, and to nothing else on this one: SIGTERM the second node's
+        raylet and every process it started (its workers and agents)."""
+        raylet = [pid for pid, command in process_table(self.env["BONEAGE_TEST_CLUSTER"])
+                  if f"--node_manager_port={self.second_node_port} " in command]
+        assert len(raylet) == 1, f"the second node's raylet: {raylet}"
+        stop_processes([*raylet, *descendants(raylet[0])])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` in the process tree."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, pending = [], [pid]
+    while pending:
+        below = children.get(pending.pop(), [])
+        found += below
+        pending += below
+    return found
 
 
 @pytest.fixture(scope="module")
 def two_node_cluster(session_temp):
-    """Start a head (2 CPUs) and a worker node (2 CPUs) from the project's venv; yield (env, dashboard URL). The
-    module's jobs share it (starting one takes a minute on 2 cores).
+    """Start a head (2 CPUs) and a worker node (2 CPUs) from the project's venv; yield them as :class:`TwoNodes`.
+    The module's jobs share it (starting one takes a minute on 2 cores).
 
     Every process the two ``ray start`` commands leave running (raylets, GCS, dashboard, Ray client server,
     workers) inherits the cluster's own temp dir in its environment (``BONEAGE_TEST_CLUSTER``): clean-up stops
@@ -36,16 +82,15 @@ def two_node_cluster(session_temp):
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "BONEAGE_TEST_CLUSTER": str(temp_dir)}
     env.pop("RAY_ADDRESS", None)
-    gcs, dashboard = free_port(), free_port()
+    cluster = TwoNodes(env, f"http://127.0.0.1:{free_port()}", free_port())
     try:
-        head = ray_cli(env, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
-                       f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
-                       f"--temp-dir={temp_dir}", "--disable-usage-stats", *node_ports())
+        head = ray_cli(env, "start", "--head", f"--port={cluster.gcs}", "--num-cpus=2", "--include-dashboard=true",
+                       f"--dashboard-port={cluster.dashboard.rsplit(':', 1)[1]}",
+                       f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+                       *node_ports(free_port()))
         assert head.returncode == 0, head.stdout + head.stderr
-        worker = ray_cli(env, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", '--resources={"second_node": 1}',
-                         *node_ports())
-        assert worker.returncode == 0, worker.stdout + worker.stderr
-        yield env, f"http://127.0.0.1:{dashboard}"
+        cluster.add_second_node()
+        yield cluster
     finally:
         # Exactly what the two `ray start` commands started and what those started since (workers, the job's
         # driver): all carry the marker; a pid recorded earlier could have been reused by another process by now.
@@ -53,17 +98,18 @@ def two_node_cluster(session_temp):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def submit(env: dict, dashboard: str, *entrypoint: str, timeout: float = 600) -> str:
-    """``ray job submit --working-dir . -- <entrypoint>`` as the README says; its output, after checking it passed."""
-    done = ray_cli(env, "job", "submit", "--address", dashboard, "--working-dir", ".", "--", *entrypoint,
-                   timeout=timeout)
+def submit(env: dict, dashboard: str, *entrypoint: str, timeout: float = 600, options: tuple = ()) -> str:
+    """``ray job submit --working-dir . -- <entrypoint>`` as the README says; its output, after checking it passed.
+    ``options`` go before the entrypoint (``--no-wait``: return once it is submitted)."""
+    done = ray_cli(env, "job", "submit", "--address", dashboard, "--working-dir", ".", *options, "--",
+                   *entrypoint, timeout=timeout)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     return output
 
 
 def test_job_submit_trains_on_two_nodes(two_node_cluster, prepared_dir, tmp_path):
-    env, dashboard = two_node_cluster
+    env, dashboard = two_node_cluster.env, two_node_cluster.dashboard
     output = submit(
         env, dashboard, "python", "jobs/train.py", "--config", "configs/demo.yaml", "--set",
         f"data.out={prepared_dir}",
@@ -77,7 +123,7 @@ def test_job_submit_trains_on_two_nodes(two_node_cluster, prepared_dir, tmp_path
 
 
 def test_job_submit_predicts_on_the_cluster(two_node_cluster, phantom_dir, tmp_path):
-    env, dashboard = two_node_cluster
+    env, dashboard = two_node_cluster.env, two_node_cluster.dashboard
     bundle = make_bundle(tmp_path / "bundle", size=32)[0]
     out = tmp_path / "predictions.csv"
     output = submit(
@@ -92,7 +138,7 @@ def test_job_submit_predicts_on_the_cluster(two_node_cluster, phantom_dir, tmp_p
 
 
 def test_job_submit_evaluates_on_the_cluster(two_node_cluster, prepared_dir, tmp_path):
-    env, dashboard = two_node_cluster
+    env, dashboard = two_node_cluster.env, two_node_cluster.dashboard
     bundle = make_bundle(tmp_path / "bundle", size=32)[0]
     out = tmp_path / "evaluation"
     output = submit(
@@ -102,3 +148,34 @@ def test_job_submit_evaluates_on_the_cluster(two_node_cluster, prepared_dir, tmp
         "eval.bootstrap_resamples=100", "eval.gallery_cases=1", timeout=600)
     assert f"report: {out / 'report.html'}" in output.splitlines()
     assert (out / "metrics.json").is_file() and (out / "report.html").is_file()
+
+
+def test_losing_the_second_node_mid_training_resumes_on_the_head(two_node_cluster, prepared_dir, tmp_path):
+    """``ray stop`` on the second node in epoch 2: Ray Train restarts the two workers on what is left (the head)
+    from the epoch-1 checkpoint and the run finishes; its bundle comes from a whole checkpoint."""
+    from boneage.bundle import load_bundle, read_best
+    from boneage.train import FinishedRun
+
+    cluster, runs, job = two_node_cluster, tmp_path / "runs", "lose-a-node"
+    submit(cluster.env, cluster.dashboard, "python", "jobs/train.py", "--config", "configs/demo.yaml", "--set",
+           f"data.out={prepared_dir}", "train.num_workers=2", "train.placement_strategy=SPREAD",
+           "train.cpus_per_worker=0.5", "train.epochs=3", "train.batch_size=8", "train.threads_per_worker=1",
+           "train.max_failures=1", "train.run_name=lost", "model.head=[16]", f"train.storage_path={runs}",
+           f"registry.root={tmp_path / 'registry'}", options=("--no-wait", f"--submission-id={job}"))
+    try:
+        wait_until(lambda: (runs / "lost" / "checkpoint_manager_snapshot.json").is_file(),
+                   "the run's first checkpoint", timeout=600)
+        cluster.stop_second_node()
+        logs = ray_cli(cluster.env, "job", "logs", "--address", cluster.dashboard, "--follow", job, timeout=900).stdout
+        status = ray_cli(cluster.env, "job", "status", "--address", cluster.dashboard, job).stdout
+    finally:
+        cluster.add_second_node()  # for the module's other tests (in a shuffled order, some run after this one)
+    assert f"Job '{job}' succeeded" in status, logs
+    assert "training on 2 worker(s) across 2 node(s), from epoch 1" in logs, logs
+    assert "training on 2 worker(s) across 1 node(s), from epoch 2" in logs, logs  # the epoch-1 checkpoint
+    finished = FinishedRun.load(str(runs), "lost")
+    assert finished.final_metrics["epoch"] == 3 and finished.final_metrics["resumed_at_epoch"] == 1
+    bundle = Path(finished.bundle)
+    assert [version.name for version in bundle.parent.iterdir() if version.is_dir()] == [bundle.name], logs
+    assert load_bundle(bundle).meta.val_mae == finished.metrics["val_mae"]  # whole: its checksum verified
+    assert read_best(tmp_path / "registry", "boneage-vgg16")["version"] == int(bundle.name)
