@@ -3,6 +3,7 @@ resources, and the training and prediction jobs submitted with `ray job submit -
 README says."""
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -150,16 +151,19 @@ def test_job_submit_evaluates_on_the_cluster(two_node_cluster, prepared_dir, tmp
     assert (out / "metrics.json").is_file() and (out / "report.html").is_file()
 
 
+EPOCHS = 5  # the node goes after the first checkpoint: a quiet machine may train a few more epochs meanwhile
+
+
 def test_losing_the_second_node_mid_training_resumes_on_the_head(two_node_cluster, prepared_dir, tmp_path):
-    """``ray stop`` on the second node in epoch 2: Ray Train restarts the two workers on what is left (the head)
-    from the epoch-1 checkpoint and the run finishes; its bundle comes from a whole checkpoint."""
+    """``ray stop`` on the second node mid-training: Ray Train restarts the two workers on what is left (the head)
+    from the last checkpoint and the run finishes; its bundle comes from a whole checkpoint."""
     from boneage.bundle import load_bundle, read_best
     from boneage.train import FinishedRun
 
     cluster, runs, job = two_node_cluster, tmp_path / "runs", "lose-a-node"
     submit(cluster.env, cluster.dashboard, "python", "jobs/train.py", "--config", "configs/demo.yaml", "--set",
            f"data.out={prepared_dir}", "train.num_workers=2", "train.placement_strategy=SPREAD",
-           "train.cpus_per_worker=0.5", "train.epochs=3", "train.batch_size=8", "train.threads_per_worker=1",
+           "train.cpus_per_worker=0.5", f"train.epochs={EPOCHS}", "train.batch_size=8", "train.threads_per_worker=1",
            "train.max_failures=1", "train.run_name=lost", "model.head=[16]", f"train.storage_path={runs}",
            f"registry.root={tmp_path / 'registry'}", options=("--no-wait", f"--submission-id={job}"))
     try:
@@ -172,9 +176,13 @@ def test_losing_the_second_node_mid_training_resumes_on_the_head(two_node_cluste
         cluster.add_second_node()  # for the module's other tests (in a shuffled order, some run after this one)
     assert f"Job '{job}' succeeded" in status, logs
     assert "training on 2 worker(s) across 2 node(s), from epoch 1" in logs, logs
-    assert "training on 2 worker(s) across 1 node(s), from epoch 2" in logs, logs  # the epoch-1 checkpoint
+    # Restarted on the head alone from a checkpoint (an epoch takes seconds here: the first one, or a later one)
+    # with epochs still to go, where it ended.
+    restarts = set(re.findall(r"training on 2 worker\(s\) across 1 node\(s\), from epoch (\d+)", logs))
+    assert len(restarts) == 1 and 2 <= int(min(restarts)) <= EPOCHS, logs  # (the job log repeats worker lines)
     finished = FinishedRun.load(str(runs), "lost")
-    assert finished.final_metrics["epoch"] == 3 and finished.final_metrics["resumed_at_epoch"] == 1
+    assert finished.final_metrics["epoch"] == EPOCHS
+    assert finished.final_metrics["resumed_at_epoch"] == int(min(restarts)) - 1
     bundle = Path(finished.bundle)
     assert [version.name for version in bundle.parent.iterdir() if version.is_dir()] == [bundle.name], logs
     assert load_bundle(bundle).meta.val_mae == finished.metrics["val_mae"]  # whole: its checksum verified

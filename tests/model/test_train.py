@@ -27,7 +27,7 @@ from boneage.curves import CURVES
 from boneage.dataset import MANIFEST, read_manifest, split_path
 from boneage.train import REPORTED_METRICS, NonFiniteLoss, _use_gpu, run_name, run_training
 from helpers import (ROOT, as_logged, make_bundle, process_table, read_curves, session_env, train_config,
-                     wait_until)
+                     train_overrides, wait_until)
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -48,6 +48,27 @@ def wait_for_checkpoint(run_folder: Path) -> int:
             return None
 
     return wait_until(lambda: checkpoints(run_folder) and latest_epoch(), f"a checkpoint in {run_folder}")
+
+
+# Two workers, three epochs, on configs/train.yaml (what jobs/train.py reads): the uninterrupted run that the
+# data-parallel, same-seed, killed-worker and killed-driver tests compare with, trained once.
+REFERENCE = ("train.num_workers=2", "train.epochs=3", "train.keep_checkpoints=1")
+
+
+def reference_overrides(prepared: Path, work: Path, *extra: str) -> list[str]:
+    """The reference run's settings as ``--set`` overrides of configs/train.yaml, with ``extra`` ones that
+    change nothing learned (``train.max_failures``)."""
+    return train_overrides(prepared, work, *REFERENCE, *extra)
+
+
+def reference_config(prepared: Path, work: Path, *extra: str):
+    return load_config(ROOT / "configs" / "train.yaml", reference_overrides(prepared, work, *extra))
+
+
+@pytest.fixture(scope="module")
+def reference_run(prepared_dir, tmp_path_factory):
+    """The reference run, uninterrupted."""
+    return run_training(reference_config(prepared_dir, tmp_path_factory.mktemp("reference")))
 
 
 def test_local_mode_trains_and_exports_a_loadable_bundle(prepared_dir, tmp_path):
@@ -84,9 +105,8 @@ def test_weight_average_is_what_the_checkpoint_and_bundle_keep(prepared_dir, tmp
     assert not torch.equal(averaged["head.1.weight"], state["trained_weights"]["head.1.weight"])
 
 
-def test_two_workers_train_data_parallel(prepared_dir, tmp_path):
-    cfg = train_config(prepared_dir, tmp_path, "train.num_workers=2", "train.epochs=3", "train.keep_checkpoints=1")
-    outcome = run_training(cfg)
+def test_two_workers_train_data_parallel(prepared_dir, reference_run):
+    outcome = reference_run
     assert outcome.final_metrics["epoch"] == 3 and outcome.final_metrics["resumed_at_epoch"] == 0
     # The two workers validated disjoint halves of the val split (an equal split drops at most one row).
     val_rows = read_manifest(prepared_dir)["splits"]["counts"]["val"]
@@ -102,13 +122,12 @@ def test_two_workers_train_data_parallel(prepared_dir, tmp_path):
     assert curves["val_mae"][outcome.metrics["epoch"]] == as_logged(outcome.metrics["val_mae"])
 
 
-def test_the_same_seed_trains_the_same_model(prepared_dir, tmp_path):
+def test_the_same_seed_trains_the_same_model(prepared_dir, reference_run, tmp_path):
     """Initial weights, batch order (across two workers) and augmentations follow train.seed: reruns and sweep
     trials are comparable."""
-    runs = [run_training(train_config(prepared_dir, tmp_path / f"run{i}", "train.num_workers=2", "train.epochs=2"))
-            for i in range(2)]
-    first, second = (run.final_metrics for run in runs)
-    assert first["train_loss"] == second["train_loss"] and first["val_mae"] == second["val_mae"]
+    again = run_training(reference_config(prepared_dir, tmp_path)).final_metrics
+    first = reference_run.final_metrics
+    assert first["train_loss"] == again["train_loss"] and first["val_mae"] == again["val_mae"]
 
 
 @pytest.mark.slow
@@ -129,12 +148,11 @@ def train_worker_pids(session_temp: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_killed_worker_restarts_from_the_last_checkpoint(prepared_dir, tmp_path, session_temp):
-    """A worker is killed once the epoch-1 checkpoint is registered, with four epochs still to go: the group
-    restarts from that checkpoint, not from scratch, and ends where an uninterrupted run of the same seed ends
-    (weights, optimizer and schedule restored; batch order and augmentations seeded by epoch)."""
-    settings = ("train.num_workers=2", "train.epochs=5", "train.max_failures=2")
-    cfg = train_config(prepared_dir, tmp_path, *settings)
+def test_a_killed_worker_restarts_from_the_last_checkpoint(prepared_dir, reference_run, tmp_path, session_temp):
+    """A worker is killed once the epoch-1 checkpoint is registered, with two epochs still to go: the group
+    restarts from that checkpoint, not from scratch, and ends where the uninterrupted reference run ends (weights,
+    optimizer and schedule restored; batch order and augmentations seeded by epoch)."""
+    cfg = reference_config(prepared_dir, tmp_path, "train.max_failures=2")
     run_folder = tmp_path / "runs" / run_name(cfg, read_manifest(prepared_dir))
 
     def kill_a_worker() -> int:
@@ -146,20 +164,18 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(prepared_dir, tmp_pat
         killed = pool.submit(kill_a_worker)
         outcome = run_training(cfg)
         checkpointed_at_kill = killed.result(timeout=0)  # the killer's own failure, if any, fails the test
-    assert outcome.final_metrics["epoch"] == 5
+    assert outcome.final_metrics["epoch"] == 3
     # Resumed from the checkpoint registered before the kill (or a later one), before the last epoch.
-    assert 1 <= checkpointed_at_kill <= outcome.final_metrics["resumed_at_epoch"] < 5
-    uninterrupted = run_training(train_config(prepared_dir, tmp_path / "uninterrupted", *settings))
-    assert uninterrupted.final_metrics["resumed_at_epoch"] == 0
-    assert outcome.final_metrics["val_mae"] == uninterrupted.final_metrics["val_mae"]  # exactly
+    assert 1 <= checkpointed_at_kill <= outcome.final_metrics["resumed_at_epoch"] < 3
+    assert outcome.final_metrics["val_mae"] == reference_run.final_metrics["val_mae"]  # exactly
 
 
 @pytest.mark.slow
-def test_resubmitting_a_killed_job_resumes_it(prepared_dir, tmp_path, ray_session):
-    cfg_args = ["--set", f"data.out={prepared_dir}", "model.head=[16]", "train.batch_size=8", "train.epochs=3",
-                "train.threads_per_worker=1", f"train.storage_path={tmp_path / 'runs'}",
-                f"registry.root={tmp_path / 'registry'}"]
-    command = [sys.executable, "jobs/train.py", "--config", "configs/train.yaml", *cfg_args]
+def test_resubmitting_a_killed_job_resumes_it(prepared_dir, reference_run, tmp_path, ray_session):
+    """jobs/train.py killed once its first checkpoint is registered, then submitted again: it resumes and ends
+    with the reference run's model."""
+    command = [sys.executable, "jobs/train.py", "--config", "configs/train.yaml", "--set",
+               *reference_overrides(prepared_dir, tmp_path)]
     env = session_env(ray_session)
     with open(tmp_path / "first.log", "wb") as log:  # a file: a pipe nobody reads could fill and block the driver
         first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -173,12 +189,8 @@ def test_resubmitting_a_killed_job_resumes_it(prepared_dir, tmp_path, ray_sessio
     assert second.returncode == 0, second.stdout + second.stderr
     assert "epoch 3/3" in second.stdout and "epoch 1/3" not in second.stdout
     assert second.stdout.strip().splitlines()[-1].startswith("bundle: ")
-    elsewhere = [a.replace(str(tmp_path), str(tmp_path / "uninterrupted")) for a in command]
-    reference = subprocess.run(elsewhere, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert reference.returncode == 0, reference.stdout + reference.stderr
-    resumed, uninterrupted = (read_meta(run.stdout.strip().splitlines()[-1].removeprefix("bundle: "))
-                              for run in (second, reference))
-    assert resumed.val_mae == uninterrupted.val_mae  # exactly: the same seed ends in the same model
+    resumed = read_meta(second.stdout.strip().splitlines()[-1].removeprefix("bundle: "))
+    assert resumed.val_mae == read_meta(reference_run.bundle).val_mae  # exactly: the same seed, the same model
 
 
 def next_run_folder(runs: Path) -> Path:
