@@ -13,13 +13,11 @@ import pytest
 import yaml
 
 from boneage.cluster import HeadPorts, head_processes, port_in_use, stop_head
-from helpers import ROOT, free_port, ray_cli
+from helpers import ROOT, free_port, make_bundle, ray_cli
 
 pytestmark = pytest.mark.slow
 
 VENV_BIN = str(Path(sys.executable).parent)
-TINY_TRAINING = ["train.epochs=1", "train.batch_size=8", "train.threads_per_worker=1", "train.shuffle_buffer=16",
-                 "model.head=[16]", "model.dropout=0"]
 
 
 def user_port(default: int) -> int:
@@ -52,9 +50,11 @@ def cluster_cli(state: Path, *args: str, timeout: float = 900) -> subprocess.Com
                           capture_output=True, text=True, timeout=timeout)
 
 
-def train_entrypoint(prepared: Path, work: Path) -> list[str]:
-    return ["python", "jobs/train.py", "--config", "configs/demo.yaml", "--set", f"data.out={prepared}",
-            f"train.storage_path={work / 'runs'}", f"registry.root={work / 'registry'}", *TINY_TRAINING]
+def preview_entrypoint(prepared: Path, png: Path) -> list[str]:
+    """The preview job: it needs what the training job needs (boneage, torch, kornia, Ray Data) in a fraction of
+    its time."""
+    return ["python", "jobs/preview_augment.py", "--config", "configs/demo.yaml", "--set", f"data.out={prepared}",
+            "augment.preview_images=2", "--out", str(png)]
 
 
 def foreign_jobs(dashboard: str) -> list[str]:
@@ -64,16 +64,13 @@ def foreign_jobs(dashboard: str) -> list[str]:
 
 
 def test_job_on_a_head_started_without_the_venv(foreign_cluster, prepared_dir, tmp_path):
-    """The preview job needs what the training job needs (boneage, torch, kornia, Ray Data) in a fraction of its
-    time."""
     dashboard, env = foreign_cluster
     preview = tmp_path / "preview.png"
-    entrypoint = ["python", "jobs/preview_augment.py", "--config", "configs/demo.yaml", "--set",
-                  f"data.out={prepared_dir}", "augment.preview_images=2", "--out", str(preview)]
-    plain = ray_cli(env, "job", "submit", "--address", dashboard, "--working-dir", ".", "--", *entrypoint,
-                    timeout=300)
-    assert plain.returncode != 0 and "No module named 'boneage'" in plain.stdout + plain.stderr  # what users met
-    submitted = cluster_cli(tmp_path / "unused.json", "submit", "--address", dashboard, "--", *entrypoint)
+    plain = ray_cli(env, "job", "submit", "--address", dashboard, "--working-dir", ".", "--",
+                    *preview_entrypoint(prepared_dir, preview), timeout=300)
+    assert plain.returncode != 0 and "No module named" in plain.stdout + plain.stderr  # what users met: boneage
+    submitted = cluster_cli(tmp_path / "unused.json", "submit", "--address", dashboard, "--",
+                            *preview_entrypoint(prepared_dir, preview))
     output = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, output
     assert f"preview: {preview}" in output and preview.is_file()
@@ -91,9 +88,9 @@ def test_demo_steps_beside_a_foreign_cluster(foreign_cluster, prepared_dir, phan
         dashboard = cluster_cli(state, "address").stdout.strip()
         assert dashboard == f"http://127.0.0.1:{ports.dashboard}" != foreign_dashboard
 
-        trained = cluster_cli(state, "submit", "--", *train_entrypoint(prepared_dir, tmp_path))
-        assert trained.returncode == 0, trained.stdout + trained.stderr
-        bundle = next(line for line in trained.stdout.splitlines() if line.startswith("bundle: ")).split(": ", 1)[1]
+        previewed = cluster_cli(state, "submit", "--", *preview_entrypoint(prepared_dir, tmp_path / "preview.png"))
+        assert previewed.returncode == 0, previewed.stdout + previewed.stderr
+        bundle = str(make_bundle(tmp_path / "bundle", size=32)[0])  # training jobs: tests/test_cluster.py
 
         with socket.socket() as taken:  # someone else holds the port the Serve config asks for
             taken.bind(("127.0.0.1", 0))
