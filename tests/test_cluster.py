@@ -7,6 +7,7 @@ import re
 import shutil
 import sys
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,56 +19,41 @@ from helpers import free_port, make_bundle, process_table, ray_cli, stop_process
 pytestmark = pytest.mark.slow
 
 
-def node_ports(node_manager: int) -> list[str]:
+def node_ports() -> list[str]:
     """Ports a second raylet on the same machine must not share with the first."""
     return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-            f"--node-manager-port={node_manager}", f"--object-manager-port={free_port()}"]
+            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
 
 
 @dataclass
 class TwoNodes:
-    """A running local cluster: ``env`` runs Ray's CLI against it; the second node's raylet listens on
-    ``second_node_port``, which finds its processes."""
+    """A running local cluster: ``env`` runs Ray's CLI against it. The second node's processes (raylet, agents,
+    workers) inherit ``second_node`` in their environment, which finds them as the cluster's marker finds all."""
 
     env: dict
-    dashboard: str
+    dashboard_port: int
     gcs: int
-    second_node_port: int = 0
+    second_node: str = ""
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
 
     def add_second_node(self) -> None:
         """``ray start --address`` a worker node of 2 CPUs with a ``second_node`` resource."""
-        self.second_node_port = free_port()
-        worker = ray_cli(self.env, "start", f"--address=127.0.0.1:{self.gcs}", "--num-cpus=2",
-                         '--resources={"second_node": 1}', *node_ports(self.second_node_port))
+        self.second_node = f"second-node-{uuid.uuid4().hex}"
+        worker = ray_cli({**self.env, "BONEAGE_SECOND_NODE": self.second_node}, "start",
+                         f"--address=127.0.0.1:{self.gcs}", "--num-cpus=2", '--resources={"second_node": 1}',
+                         *node_ports())
         assert worker.returncode == 0, worker.stdout + worker.stderr
 
     def stop_second_node(self) -> None:
         """What ``ray stop`` on the second machine does, and to nothing else on this one: SIGTERM the second node's
         raylet and every process it started (its workers and agents)."""
-        raylet = [pid for pid, command in process_table(self.env["BONEAGE_TEST_CLUSTER"])
-                  if f"--node_manager_port={self.second_node_port} " in command]
-        assert len(raylet) == 1, f"the second node's raylet: {raylet}"
-        stop_processes([*raylet, *descendants(raylet[0])])
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` in the process tree."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, pending = [], [pid]
-    while pending:
-        below = children.get(pending.pop(), [])
-        found += below
-        pending += below
-    return found
+        processes = process_table(self.second_node)
+        assert any("raylet" in command for _, command in processes), f"the second node's raylet: {processes}"
+        stop_processes(pid for pid, _ in processes)
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +69,12 @@ def two_node_cluster(session_temp):
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "BONEAGE_TEST_CLUSTER": str(temp_dir)}
     env.pop("RAY_ADDRESS", None)
-    cluster = TwoNodes(env, f"http://127.0.0.1:{free_port()}", free_port())
+    cluster = TwoNodes(env, dashboard_port=free_port(), gcs=free_port())
     try:
         head = ray_cli(env, "start", "--head", f"--port={cluster.gcs}", "--num-cpus=2", "--include-dashboard=true",
-                       f"--dashboard-port={cluster.dashboard.rsplit(':', 1)[1]}",
+                       f"--dashboard-port={cluster.dashboard_port}",
                        f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-                       *node_ports(free_port()))
+                       *node_ports())
         assert head.returncode == 0, head.stdout + head.stderr
         cluster.add_second_node()
         yield cluster
